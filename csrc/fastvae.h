@@ -1,0 +1,284 @@
+// fastvae.h: the per-element math of every fused op, and the noise generator.
+//
+// This header is the single source of truth for the numbers fastvae computes:
+// the CPU loops (csrc/cpu/*.cpp) and the CUDA kernels (csrc/cuda/*.cu) both call
+// these functions, so the two backends cannot drift apart. Everything here is
+// branch-free scalar code so that GCC auto-vectorizes the CPU loops and nvcc
+// compiles it unchanged for the device.
+//
+// Notation (DESIGN.md section 1): std = exp(0.5*logvar), z = mu + std*eps.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fastvae {
+
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;  // log(2*pi)
+
+// ---------------------------------------------------------------------------
+// Bit casts that work on host and device.
+// ---------------------------------------------------------------------------
+C10_HOST_DEVICE inline float bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+C10_HOST_DEVICE inline uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// float32 elementary functions written as plain polynomials.
+//
+// Why not std::exp / std::log: a call into libm stops GCC from vectorizing the
+// loop, and the noise generator must give the same bits on CPU and CUDA. These
+// are accurate to a few float ulps, which is what float32 results can hold.
+// float64 never uses them (see exp_of below).
+// ---------------------------------------------------------------------------
+
+// exp(x) = 2^k * exp(r), r = x - k*ln2 in [-ln2/2, ln2/2], exp(r) by its Taylor
+// series to degree 7 (truncation error < 6e-9 relative). Written without
+// branches or float->int conversions so that GCC vectorizes it: NaN flows
+// through the arithmetic to a NaN result, +inf overflows to inf, -inf gives 0.
+C10_HOST_DEVICE inline float exp_poly(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693145751953125f;  // ln2 split so that k*kLn2Hi is exact
+  const float kLn2Lo = 1.428606765330187045e-06f;
+  const float kRoundMagic = 12582912.0f;    // 1.5 * 2^23: adding it rounds to an integer
+  // Clamp so that each half of 2^k below stays a normal float; past the clamp
+  // the result overflows to inf or rounds to 0 by itself.
+  float xc = x > 88.8f ? 88.8f : x;
+  xc = xc < -104.0f ? -104.0f : xc;
+  float shifted = xc * kLog2e + kRoundMagic;
+  int32_t ki = static_cast<int32_t>(float_to_bits(shifted) - float_to_bits(kRoundMagic));  // round(x*log2e)
+  float k = shifted - kRoundMagic;
+  float r = (xc - k * kLn2Hi) - k * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // 2^k as two factors, so that k in [-150, 128] fits the exponent field.
+  int32_t k1 = ki >> 1;
+  float scale1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
+  float scale2 = bits_to_float(static_cast<uint32_t>(ki - k1 + 127) << 23);
+  return p * scale1 * scale2;
+}
+
+// log(1 + t) for t in [0, 1] via log1p(t) = 2*atanh(s), s = t/(2+t) in [0, 1/3]:
+// exact near t = 0 (no cancellation in 1 + t), truncation error < 1e-9.
+C10_HOST_DEVICE inline float log1p_unit(float t) {
+  float s = t / (2.0f + t);
+  float s2 = s * s;
+  float p = 1.0f / 17.0f;
+  p = p * s2 + 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+// log(u) for u in (0, 1], a normal float (the uniforms below are): u = m * 2^e
+// with m in [sqrt(1/2), sqrt(2)), log(m) = 2*atanh((m-1)/(m+1)).
+C10_HOST_DEVICE inline float log_unit_interval(float u) {
+  uint32_t bits = float_to_bits(u);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xff) - 127;
+  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  bool big = m > 1.41421356237f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  float s = (m - 1.0f) / (m + 1.0f);
+  float s2 = s * s;
+  float p = 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p + static_cast<float>(e) * 0.693147180559945309f;
+}
+
+// sin and cos of phi in [0, pi/2] by their Taylor series (error < 4e-8).
+C10_HOST_DEVICE inline void sincos_quarter(float phi, float* s, float* c) {
+  float x2 = phi * phi;
+  float ps = -1.0f / 39916800.0f;
+  ps = ps * x2 + 1.0f / 362880.0f;
+  ps = ps * x2 - 1.0f / 5040.0f;
+  ps = ps * x2 + 1.0f / 120.0f;
+  ps = ps * x2 - 1.0f / 6.0f;
+  ps = ps * x2 + 1.0f;
+  float pc = 1.0f / 479001600.0f;
+  pc = pc * x2 - 1.0f / 3628800.0f;
+  pc = pc * x2 + 1.0f / 40320.0f;
+  pc = pc * x2 - 1.0f / 720.0f;
+  pc = pc * x2 + 1.0f / 24.0f;
+  pc = pc * x2 - 0.5f;
+  pc = pc * x2 + 1.0f;
+  *s = phi * ps;
+  *c = pc;
+}
+
+// ---------------------------------------------------------------------------
+// Noise: Philox4x32-10 (Salmon et al. 2011), counter-based, keyed by the seed.
+//
+// Element i of a draw with (seed, offset) uses counter (i/4, offset) and takes
+// normal number i%4 of that block. The mapping depends on nothing but (seed,
+// offset, i), so every backend, thread count and dtype sees the same eps.
+// ---------------------------------------------------------------------------
+struct Philox4 {
+  uint32_t v[4];
+};
+
+C10_HOST_DEVICE inline void mulhilo32(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+  uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  *hi = static_cast<uint32_t>(product >> 32);
+  *lo = static_cast<uint32_t>(product);
+}
+
+C10_HOST_DEVICE inline Philox4 philox4x32_10(uint64_t counter_lo, uint64_t counter_hi, uint64_t seed) {
+  uint32_t c0 = static_cast<uint32_t>(counter_lo), c1 = static_cast<uint32_t>(counter_lo >> 32);
+  uint32_t c2 = static_cast<uint32_t>(counter_hi), c3 = static_cast<uint32_t>(counter_hi >> 32);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(0xD2511F53u, c0, &hi0, &lo0);
+    mulhilo32(0xCD9E8D57u, c2, &hi1, &lo1);
+    uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// Box-Muller on two 32-bit words: radius from the top 24 bits of `a`
+// (u in (0, 1], so log(u) is finite), angle in [0, pi/2) from the top 24 bits
+// of `b`, and the quadrant from two low bits of `a`. Random signs on
+// (r cos phi, r sin phi) give the same joint law as an angle uniform on the
+// whole circle, with trigonometry only on [0, pi/2].
+C10_HOST_DEVICE inline void box_muller(uint32_t a, uint32_t b, float* n0, float* n1) {
+  const float kTwoPow24Inv = 5.9604644775390625e-08f;  // 2^-24
+  float u = static_cast<float>(static_cast<int32_t>((a >> 8) + 1u)) * kTwoPow24Inv;
+  float phi = static_cast<float>(static_cast<int32_t>(b >> 8)) * (kTwoPow24Inv * 1.57079632679489662f);
+  float radius = sqrtf(-2.0f * log_unit_interval(u));
+  float s, c;
+  sincos_quarter(phi, &s, &c);
+  float sign0 = (a & 1u) ? -1.0f : 1.0f;
+  float sign1 = (a & 2u) ? -1.0f : 1.0f;
+  *n0 = sign0 * radius * c;
+  *n1 = sign1 * radius * s;
+}
+
+// The four standard normals of counter block `block` (elements 4*block .. 4*block+3).
+C10_HOST_DEVICE inline void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4]) {
+  Philox4 r = philox4x32_10(block, offset, seed);
+  box_muller(r.v[0], r.v[1], &out[0], &out[1]);
+  box_muller(r.v[2], r.v[3], &out[2], &out[3]);
+}
+
+// ---------------------------------------------------------------------------
+// exp for the kernels' accumulation type: the vectorizable polynomial in float,
+// libm in double (float64 results must match torch.distributions to ~1e-12).
+// ---------------------------------------------------------------------------
+C10_HOST_DEVICE inline float exp_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_poly(x);
+#endif
+}
+C10_HOST_DEVICE inline double exp_of(double x) { return exp(x); }
+
+C10_HOST_DEVICE inline float log1p_exp_neg_abs(float a) {  // log1p(exp(-|a|))
+  return log1p_unit(exp_of(-fabsf(a)));
+}
+C10_HOST_DEVICE inline double log1p_exp_neg_abs(double a) { return log1p(exp(-fabs(a))); }
+
+// ---------------------------------------------------------------------------
+// Latent terms, per element (sums over d are done by the callers).
+// ---------------------------------------------------------------------------
+template <typename T>
+struct LatentElement {
+  T z;       // mu + std*eps
+  T log_q;   // -0.5*eps^2 - 0.5*logvar          (the -0.5*log2pi is added once per row)
+  T log_p;   // -0.5*z^2                         (likewise)
+};
+
+template <typename T>
+C10_HOST_DEVICE inline LatentElement<T> latent_element(T mu, T std, T logvar, T eps) {
+  LatentElement<T> out;
+  out.z = mu + std * eps;
+  out.log_q = T(-0.5) * (eps * eps + logvar);
+  out.log_p = T(-0.5) * out.z * out.z;
+  return out;
+}
+
+// KL(N(mu, var) || N(0, 1)) for one dimension, var = exp(logvar).
+template <typename T>
+C10_HOST_DEVICE inline T kl_element(T mu, T var, T logvar) {
+  return T(0.5) * (mu * mu + var - T(1) - logvar);
+}
+
+// Gradient flowing into z from one sample: the incoming dL/dz, log p(z)'s
+// -z, and (sticking the landing only) log q's path derivative -eps/std =
+// -(z - mu)/var.
+template <typename T>
+C10_HOST_DEVICE inline T latent_grad_through_z(T gz, T glp, T glq_path, T z, T mu, T inv_var) {
+  return gz - glp * z - glq_path * (z - mu) * inv_var;
+}
+
+// ---------------------------------------------------------------------------
+// Reconstruction log-likelihoods, per element.
+// ---------------------------------------------------------------------------
+// log Bernoulli(x | sigmoid(a)) = x*a - softplus(a), softplus(a) = max(a,0) + log1p(exp(-|a|)).
+template <typename T>
+C10_HOST_DEVICE inline T bernoulli_log_prob(T logit, T x) {
+  T relu = logit > T(0) ? logit : T(0);
+  return x * logit - relu - log1p_exp_neg_abs(logit);
+}
+
+// d/da = x - sigmoid(a); sigmoid from exp(-|a|) so it never overflows.
+template <typename T>
+C10_HOST_DEVICE inline T bernoulli_grad_logit(T logit, T x) {
+  T e = exp_of(logit > T(0) ? -logit : logit);  // exp(-|a|)
+  T sigmoid = logit > T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  return x - sigmoid;
+}
+
+// log N(x | m, exp(s)) without the -0.5*log2pi (added once per row).
+template <typename T>
+C10_HOST_DEVICE inline T gaussian_log_prob(T mean, T x, T logvar, T inv_var) {
+  T diff = x - mean;
+  return T(-0.5) * (diff * diff * inv_var + logvar);
+}
+
+// d/dm = (x - m)/var;  d/ds = 0.5*((x - m)^2/var - 1).
+template <typename T>
+C10_HOST_DEVICE inline void gaussian_grads(T mean, T x, T inv_var, T* grad_mean, T* grad_logvar) {
+  T scaled = (x - mean) * inv_var;
+  *grad_mean = scaled;
+  *grad_logvar = T(0.5) * ((x - mean) * scaled - T(1));
+}
+
+}  // namespace fastvae

@@ -1,0 +1,14 @@
+"""fastvae: variational autoencoders on fused C++/CUDA PyTorch ops."""
+
+__version__ = "0.1.0"
+
+from .ops import (  # noqa: F401
+    LatentTerms,
+    backend,
+    bernoulli_log_likelihood,
+    cuda_kernels_built,
+    gaussian_kl,
+    gaussian_log_likelihood,
+    latent_terms,
+    reparameterize,
+)

@@ -1,0 +1,336 @@
+"""The public functional API of fastvae's fused ops.
+
+    latent_terms(mu, logvar, num_samples=None)   -> LatentTerms(z, kl, log_q, log_p)
+    reparameterize(mu, logvar, num_samples=None) -> z
+    gaussian_kl(mu, logvar)                      -> kl
+    bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
+    gaussian_log_likelihood(mean, x, logvar=0.0) -> log p(x|z) per row
+
+Shapes: mu, logvar are (B, D). With num_samples=None one sample is drawn and
+z is (B, D), log_q and log_p are (B,); with num_samples=L they are (L, B, D) and
+(L, B). kl is (B,). Decoder outputs are (B, ...) or (L, B, ...) against x of
+shape (B, ...). Every returned log-density is summed over the data or latent
+dimensions, in nats, per example: nothing is averaged here.
+
+The ops run in the C++/CUDA extension (torch.ops.fastvae.*) when it is built,
+and in fastvae.reference (pure PyTorch, same numbers, slower) otherwise. This
+module also registers the fake (meta) implementations that torch.compile uses.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_INT64_MAX = 2**63 - 1
+
+
+def _load_extension() -> str:
+    """Import fastvae._C (which registers torch.ops.fastvae) and name the backend."""
+    if os.environ.get("FASTVAE_BACKEND", "").lower() == "reference":
+        return "reference"
+    try:
+        from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+    except ImportError as exc:
+        warnings.warn(
+            f"fastvae: the C++ extension fastvae._C is not available ({exc}); using the pure-PyTorch "
+            "reference ops, which give the same numbers more slowly. Build it with "
+            "`pip install --no-build-isolation .` (see README).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return "reference"
+    return "cpp"
+
+
+_BACKEND = _load_extension()
+
+
+def backend() -> str:
+    """'cpp' when the fused C++ ops are active, 'reference' for the pure-PyTorch fallback."""
+    return _BACKEND
+
+
+def cuda_kernels_built() -> bool:
+    """Whether the extension was compiled with its CUDA kernels."""
+    return _BACKEND == "cpp" and torch._C._dispatch_has_kernel_for_dispatch_key("fastvae::latent_terms", "CUDA")
+
+
+class LatentTerms(NamedTuple):
+    z: Tensor       # (B, D) or (L, B, D)
+    kl: Tensor      # (B,): KL(q(z|x) || N(0, I)), analytic
+    log_q: Tensor   # (B,) or (L, B): log q(z|x)
+    log_p: Tensor   # (B,) or (L, B): log p(z) under N(0, I)
+
+
+# ---------------------------------------------------------------------------
+# Validation shared by the fakes and the reference backend (the C++ kernels
+# check the same things in csrc/checks.h).
+# ---------------------------------------------------------------------------
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastvae: {name} must be a torch.Tensor, got {type(t).__name__}")
+    torch._check(
+        t.is_floating_point(),
+        lambda: f"fastvae: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+        f"got {t.dtype}",
+    )
+
+
+def _check_same(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    torch._check(
+        t.dtype == ref.dtype, lambda: f"fastvae: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}"
+    )
+    torch._check(
+        t.device == ref.device, lambda: f"fastvae: {name} is on {t.device} but {ref_name} is on {ref.device}"
+    )
+
+
+def _z_shape(mu: Tensor, num_samples: int | None) -> tuple[int, ...]:
+    return tuple(mu.shape) if num_samples is None else (num_samples, *mu.shape)
+
+
+def _check_latent(mu: Tensor, logvar: Tensor, eps: Tensor | None, num_samples: int | None) -> None:
+    _check_tensor(mu, "mu")
+    _check_tensor(logvar, "logvar")
+    _check_same(logvar, mu, "logvar", "mu")
+    torch._check(mu.dim() == 2, lambda: f"fastvae: mu must have shape (batch, latent_dim), got {tuple(mu.shape)}")
+    torch._check(
+        logvar.shape == mu.shape,
+        lambda: f"fastvae: logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}",
+    )
+    if num_samples is not None:
+        torch._check(num_samples >= 1, lambda: f"fastvae: num_samples must be >= 1, got {num_samples}")
+    if eps is not None:
+        _check_tensor(eps, "eps")
+        _check_same(eps, mu, "eps", "mu")
+        z_shape = _z_shape(mu, num_samples)
+        torch._check(
+            tuple(eps.shape) == z_shape,
+            lambda: f"fastvae: eps must have the shape of z {z_shape} ((num_samples, batch, latent_dim), "
+            f"or (batch, latent_dim) when num_samples is None), got {tuple(eps.shape)}",
+        )
+
+
+def _check_likelihood(params: Tensor, x: Tensor, name: str) -> None:
+    _check_tensor(params, name)
+    _check_tensor(x, "x")
+    _check_same(x, params, "x", name)
+    torch._check(x.dim() == 2, lambda: f"fastvae: x must have shape (batch, num_pixels), got {tuple(x.shape)}")
+    stacked = params.dim() == 3 and params.shape[1:] == x.shape
+    torch._check(
+        stacked or params.shape == x.shape,
+        lambda: f"fastvae: {name} must have shape (batch, num_pixels) = {tuple(x.shape)} or "
+        f"(num_samples, batch, num_pixels), got {tuple(params.shape)}",
+    )
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---------------------------------------------------------------------------
+# Fakes: output shapes and dtypes without computing, for torch.compile/meta.
+# ---------------------------------------------------------------------------
+if _BACKEND == "cpp":
+
+    @torch.library.register_fake("fastvae::latent_terms")
+    def _latent_terms_fake(mu, logvar, eps, num_samples, seed, offset, stl=False):
+        _check_latent(mu, logvar, eps, num_samples)
+        z_shape = _z_shape(mu, num_samples)
+        sums = _sum_dtype(mu.dtype)
+        return (
+            mu.new_empty(z_shape),
+            mu.new_empty((mu.shape[0],), dtype=sums),
+            mu.new_empty(z_shape[:-1], dtype=sums),
+            mu.new_empty(z_shape[:-1], dtype=sums),
+        )
+
+    @torch.library.register_fake("fastvae::latent_terms_backward")
+    def _latent_terms_backward_fake(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar, stl):
+        _check_latent(mu, logvar, None, None)
+        return torch.empty_like(mu), torch.empty_like(logvar)
+
+    @torch.library.register_fake("fastvae::bernoulli_log_prob")
+    def _bernoulli_log_prob_fake(logits, x):
+        _check_likelihood(logits, x, "logits")
+        return logits.new_empty(logits.shape[:-1], dtype=_sum_dtype(logits.dtype))
+
+    @torch.library.register_fake("fastvae::bernoulli_log_prob_backward")
+    def _bernoulli_log_prob_backward_fake(grad, logits, x, needs_grad_x):
+        grad_x = torch.empty_like(x) if needs_grad_x else x.new_empty((0,))
+        return torch.empty_like(logits), grad_x
+
+    @torch.library.register_fake("fastvae::gaussian_log_prob")
+    def _gaussian_log_prob_fake(mean, x, logvar, logvar_value):
+        _check_likelihood(mean, x, "mean")
+        return mean.new_empty(mean.shape[:-1], dtype=_sum_dtype(mean.dtype))
+
+    @torch.library.register_fake("fastvae::gaussian_log_prob_backward")
+    def _gaussian_log_prob_backward_fake(grad, mean, x, logvar, logvar_value, needs_grad_x):
+        grad_logvar = torch.empty_like(logvar) if logvar is not None else mean.new_empty((0,))
+        grad_x = torch.empty_like(x) if needs_grad_x else x.new_empty((0,))
+        return torch.empty_like(mean), grad_logvar, grad_x
+
+    _latent_op = torch.ops.fastvae.latent_terms.default
+    _bernoulli_op = torch.ops.fastvae.bernoulli_log_prob.default
+    _gaussian_op = torch.ops.fastvae.gaussian_log_prob.default
+else:
+
+    def _latent_op(mu, logvar, eps, num_samples, seed, offset, stl=False):
+        _check_latent(mu, logvar, eps, num_samples)
+        return reference.latent_terms(mu, logvar, eps, num_samples, seed, offset, stl)
+
+    def _bernoulli_op(logits, x):
+        _check_likelihood(logits, x, "logits")
+        return reference.bernoulli_log_prob(logits, x)
+
+    def _gaussian_op(mean, x, logvar, logvar_value):
+        _check_likelihood(mean, x, "mean")
+        if logvar is not None:
+            _check_same(logvar, mean, "logvar", "mean")
+        return reference.gaussian_log_prob(mean, x, logvar, logvar_value)
+
+
+# ---------------------------------------------------------------------------
+# Randomness: (seed, offset) drawn from torch's generators (DESIGN.md section 2).
+# ---------------------------------------------------------------------------
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """A fresh (seed, offset) for the in-kernel Philox stream.
+
+    On CPU the seed is one draw from `generator` (default: torch's global
+    generator), so torch.manual_seed makes runs reproducible. On CUDA it is the
+    device generator's seed and its Philox offset, which is advanced, so no
+    device synchronization is needed.
+    """
+    if device.type == "cuda":
+        gen = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)
+        return gen.initial_seed() & _INT64_MAX, offset
+    seed = torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return int(seed), 0
+
+
+def _check_int(value, name: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"fastvae: {name} must be an int, got {type(value).__name__}")
+    if not low <= value <= _INT64_MAX:
+        raise ValueError(f"fastvae: {name} must be in [{low}, 2**63 - 1], got {value}")
+    return value
+
+
+def latent_terms(
+    mu: Tensor,
+    logvar: Tensor,
+    num_samples: int | None = None,
+    *,
+    eps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    stl: bool = False,
+) -> LatentTerms:
+    """z = mu + exp(0.5*logvar)*eps with the analytic KL, log q(z|x) and log p(z), in one fused pass.
+
+    num_samples=None: one sample, z (B, D), log_q and log_p (B,); num_samples=L: z (L, B, D), (L, B).
+    eps: your own noise, shaped like z; treated as data, no gradient flows to it.
+    Otherwise eps is drawn inside the kernel from Philox keyed by (seed, offset); seed=None draws
+    one from `generator` (torch's default generator when None). The same seed gives the same z.
+    stl: "sticking the landing" (Roeder et al. 2017): log_q's gradient flows only through z.
+    NaN or inf in mu/logvar propagate to the outputs of the affected rows; they are not raised.
+    """
+    if num_samples is not None:
+        _check_int(num_samples, "num_samples", low=1)
+    if eps is None and seed is None:
+        _check_tensor(mu, "mu")
+        seed, offset = draw_seed(mu.device, generator)
+    elif seed is None:
+        seed = 0  # eps given: (seed, offset) are not used
+    else:
+        _check_int(seed, "seed")
+        _check_int(offset, "offset")
+    z, kl, log_q, log_p = _latent_op(mu, logvar, eps, num_samples, seed, offset, stl)
+    return LatentTerms(z, kl, log_q, log_p)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, num_samples: int | None = None, **kwargs) -> Tensor:
+    """z = mu + exp(0.5*logvar)*eps (same arguments as latent_terms)."""
+    return latent_terms(mu, logvar, num_samples, **kwargs).z
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per row, (B,).
+
+    Uses a fixed seed since the KL does not depend on the draw; when you also need z,
+    call latent_terms once instead, which gives both from the same pass.
+    """
+    return latent_terms(mu, logvar, seed=0).kl
+
+
+# ---------------------------------------------------------------------------
+# Reconstruction log-likelihoods.
+# ---------------------------------------------------------------------------
+def _flatten_pair(params: Tensor, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """(B, ...) / (L, B, ...) decoder output and (B, ...) data -> (B, P) / (L, B, P) and (B, P)."""
+    _check_tensor(params, name)
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError(f"fastvae: x must have a batch dimension, got shape {tuple(x.shape)}")
+    stacked = params.dim() == x.dim() + 1
+    if params.shape[int(stacked) :] != x.shape or not (stacked or params.dim() == x.dim()):
+        raise ValueError(
+            f"fastvae: {name} must have the shape of x {tuple(x.shape)} or (num_samples, *x.shape), "
+            f"got {tuple(params.shape)}"
+        )
+    if x.dtype != params.dtype:  # data often stays float32 while the decoder runs in bf16
+        dtype = torch.promote_types(x.dtype, params.dtype)
+        params, x = params.to(dtype), x.to(dtype)
+    batch = x.shape[0]
+    flat_x = x.reshape(batch, -1)
+    flat_params = params.reshape(params.shape[0], batch, -1) if stacked else params.reshape(batch, -1)
+    return flat_params, flat_x
+
+
+def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = True) -> Tensor:
+    """sum over pixels of log Bernoulli(x | sigmoid(logits)), per row: (B,) or (L, B).
+
+    x must lie in [0, 1] (binary data, or intensities for the continuous relaxation);
+    check_range=False skips that check (one pass over x).
+    """
+    params, flat_x = _flatten_pair(logits, x, "logits")
+    if check_range and flat_x.numel() and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(flat_x)
+        if not (0.0 <= float(low) and float(high) <= 1.0):
+            raise ValueError(
+                f"fastvae: x must lie in [0, 1] for a Bernoulli likelihood, got values in [{float(low)}, {float(high)}]"
+            )
+    return _bernoulli_op(params, flat_x)
+
+
+def gaussian_log_likelihood(mean: Tensor, x: Tensor, logvar: Tensor | float = 0.0) -> Tensor:
+    """sum over pixels of log N(x | mean, exp(logvar)), per row: (B,) or (L, B).
+
+    logvar: one float for every pixel, or a tensor broadcastable to mean's shape
+    (e.g. a learned per-pixel log-variance of shape x.shape[1:]).
+    """
+    params, flat_x = _flatten_pair(mean, x, "mean")
+    if isinstance(logvar, Tensor):
+        _check_tensor(logvar, "logvar")
+        try:
+            expanded = logvar.to(mean.dtype).expand_as(mean)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"fastvae: logvar of shape {tuple(logvar.shape)} does not broadcast to mean's shape "
+                f"{tuple(mean.shape)}"
+            ) from exc
+        return _gaussian_op(params, flat_x, expanded.reshape(params.shape).to(params.dtype), 0.0)
+    if isinstance(logvar, bool) or not isinstance(logvar, (int, float)):
+        raise TypeError(f"fastvae: logvar must be a float or a tensor, got {type(logvar).__name__}")
+    return _gaussian_op(params, flat_x, None, float(logvar))
