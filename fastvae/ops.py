@@ -19,6 +19,7 @@ module also registers the fake (meta) implementations that torch.compile uses.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import NamedTuple
@@ -73,23 +74,26 @@ class LatentTerms(NamedTuple):
 # Validation shared by the fakes and the reference backend (the C++ kernels
 # check the same things in csrc/checks.h).
 # ---------------------------------------------------------------------------
+# Plain `raise RuntimeError` (the type the C++ checks raise) rather than
+# torch._check: Dynamo traces these wrappers, and message closures over tensors
+# would break the graph.
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise RuntimeError(message)
+
+
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"fastvae: {name} must be a torch.Tensor, got {type(t).__name__}")
-    torch._check(
+    _require(
         t.is_floating_point(),
-        lambda: f"fastvae: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
-        f"got {t.dtype}",
+        f"fastvae: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), got {t.dtype}",
     )
 
 
 def _check_same(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
-    torch._check(
-        t.dtype == ref.dtype, lambda: f"fastvae: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}"
-    )
-    torch._check(
-        t.device == ref.device, lambda: f"fastvae: {name} is on {t.device} but {ref_name} is on {ref.device}"
-    )
+    _require(t.dtype == ref.dtype, f"fastvae: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    _require(t.device == ref.device, f"fastvae: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 def _z_shape(mu: Tensor, num_samples: int | None) -> tuple[int, ...]:
@@ -100,20 +104,20 @@ def _check_latent(mu: Tensor, logvar: Tensor, eps: Tensor | None, num_samples: i
     _check_tensor(mu, "mu")
     _check_tensor(logvar, "logvar")
     _check_same(logvar, mu, "logvar", "mu")
-    torch._check(mu.dim() == 2, lambda: f"fastvae: mu must have shape (batch, latent_dim), got {tuple(mu.shape)}")
-    torch._check(
+    _require(mu.dim() == 2, f"fastvae: mu must have shape (batch, latent_dim), got {tuple(mu.shape)}")
+    _require(
         logvar.shape == mu.shape,
-        lambda: f"fastvae: logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}",
+        f"fastvae: logvar must have the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}",
     )
     if num_samples is not None:
-        torch._check(num_samples >= 1, lambda: f"fastvae: num_samples must be >= 1, got {num_samples}")
+        _require(num_samples >= 1, f"fastvae: num_samples must be >= 1, got {num_samples}")
     if eps is not None:
         _check_tensor(eps, "eps")
         _check_same(eps, mu, "eps", "mu")
         z_shape = _z_shape(mu, num_samples)
-        torch._check(
+        _require(
             tuple(eps.shape) == z_shape,
-            lambda: f"fastvae: eps must have the shape of z {z_shape} ((num_samples, batch, latent_dim), "
+            f"fastvae: eps must have the shape of z {z_shape} ((num_samples, batch, latent_dim), "
             f"or (batch, latent_dim) when num_samples is None), got {tuple(eps.shape)}",
         )
 
@@ -122,11 +126,11 @@ def _check_likelihood(params: Tensor, x: Tensor, name: str) -> None:
     _check_tensor(params, name)
     _check_tensor(x, "x")
     _check_same(x, params, "x", name)
-    torch._check(x.dim() == 2, lambda: f"fastvae: x must have shape (batch, num_pixels), got {tuple(x.shape)}")
+    _require(x.dim() == 2, f"fastvae: x must have shape (batch, num_pixels), got {tuple(x.shape)}")
     stacked = params.dim() == 3 and params.shape[1:] == x.shape
-    torch._check(
+    _require(
         stacked or params.shape == x.shape,
-        lambda: f"fastvae: {name} must have shape (batch, num_pixels) = {tuple(x.shape)} or "
+        f"fastvae: {name} must have shape (batch, num_pixels) = {tuple(x.shape)} or "
         f"(num_samples, batch, num_pixels), got {tuple(params.shape)}",
     )
 
@@ -292,9 +296,9 @@ def _flatten_pair(params: Tensor, x: Tensor, name: str) -> tuple[Tensor, Tensor]
     if x.dtype != params.dtype:  # data often stays float32 while the decoder runs in bf16
         dtype = torch.promote_types(x.dtype, params.dtype)
         params, x = params.to(dtype), x.to(dtype)
-    batch = x.shape[0]
-    flat_x = x.reshape(batch, -1)
-    flat_params = params.reshape(params.shape[0], batch, -1) if stacked else params.reshape(batch, -1)
+    batch, pixels = x.shape[0], math.prod(x.shape[1:])
+    flat_x = x.reshape(batch, pixels)
+    flat_params = params.reshape(params.shape[0], batch, pixels) if stacked else params.reshape(batch, pixels)
     return flat_params, flat_x
 
 
@@ -306,7 +310,7 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = T
     """
     params, flat_x = _flatten_pair(logits, x, "logits")
     if check_range and flat_x.numel() and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(flat_x)
+        low, high = torch.aminmax(flat_x.detach())
         if not (0.0 <= float(low) and float(high) <= 1.0):
             raise ValueError(
                 f"fastvae: x must lie in [0, 1] for a Bernoulli likelihood, got values in [{float(low)}, {float(high)}]"

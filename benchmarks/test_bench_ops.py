@@ -1,0 +1,90 @@
+"""Op-level benchmarks: fastvae's fused ops against eager, torch.compile and torch.distributions.
+
+Run (see benchmarks/README.md):
+    pytest benchmarks/test_bench_ops.py --benchmark-only --benchmark-json=benchmarks/results.json
+    python benchmarks/report.py benchmarks/results.json
+
+Each group compares providers on one (op, mode, size); `extra_info["bytes"]` is the
+traffic the op cannot avoid (inputs read once, outputs written once), from which
+report.py derives GB/s beside a plain torch.add on the same run.
+"""
+
+import pytest
+import torch
+
+from providers import BERNOULLI, LATENT
+
+LATENT_SIZES = [(128, 32), (512, 64), (4096, 256)]
+SAMPLES = [None, 5]
+MODES = ["forward", "forward+backward"]
+FLOAT_BYTES = 4
+
+
+def run_mode(fn, inputs, mode, grads=None):
+    """Returns the callable that pytest-benchmark times for this mode."""
+    if mode == "forward":
+        with torch.no_grad():
+            fn(*inputs)  # warm up (and compile) outside the timing
+        return lambda: fn(*inputs)
+
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = tuple(torch.ones_like(o) for o in outputs)
+
+    def step():
+        out = fn(*inputs)
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+
+    step()
+    return step
+
+
+def latent_bytes(batch, dim, samples, mode):
+    rows = samples or 1
+    forward = (2 * batch * dim + rows * batch * dim) * FLOAT_BYTES  # mu, logvar in; z out
+    backward = (2 * rows * batch * dim + 4 * batch * dim) * FLOAT_BYTES  # z, grad_z, mu, logvar in; 2 grads out
+    return forward + (backward if mode != "forward" else 0)
+
+
+@pytest.mark.parametrize("samples", SAMPLES, ids=lambda s: f"L={s or 1}")
+@pytest.mark.parametrize("size", LATENT_SIZES, ids=lambda s: f"B={s[0]},D={s[1]}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(LATENT))
+def test_latent(benchmark, provider, mode, size, samples):
+    batch, dim = size
+    torch.manual_seed(0)
+    mu = torch.randn(batch, dim, requires_grad=mode != "forward")
+    logvar = (0.1 * torch.randn(batch, dim)).requires_grad_(mode != "forward")
+    fn = LATENT[provider]
+    benchmark.group = f"latent {mode} B={batch} D={dim} L={samples or 1}"
+    benchmark.extra_info["bytes"] = latent_bytes(batch, dim, samples, mode)
+    benchmark(run_mode(lambda m, lv: fn(m, lv, samples), (mu, logvar), mode))
+
+
+LIKELIHOOD_SIZES = [(128, 784), (1024, 784)]
+
+
+@pytest.mark.parametrize("samples", SAMPLES, ids=lambda s: f"L={s or 1}")
+@pytest.mark.parametrize("size", LIKELIHOOD_SIZES, ids=lambda s: f"B={s[0]},P={s[1]}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(BERNOULLI))
+def test_bernoulli(benchmark, provider, mode, size, samples):
+    batch, pixels = size
+    torch.manual_seed(0)
+    shape = (batch, pixels) if samples is None else (samples, batch, pixels)
+    logits = torch.randn(shape, requires_grad=mode != "forward")
+    x = torch.bernoulli(torch.full((batch, pixels), 0.3))
+    benchmark.group = f"bernoulli {mode} B={batch} P={pixels} L={samples or 1}"
+    elements = logits.numel()
+    traffic = (elements + batch * pixels) * FLOAT_BYTES
+    benchmark.extra_info["bytes"] = traffic if mode == "forward" else 2 * traffic + elements * FLOAT_BYTES
+    benchmark(run_mode(BERNOULLI[provider], (logits, x), mode))
+
+
+@pytest.mark.parametrize("numel", [4096 * 256, 5 * 4096 * 256])
+def test_bandwidth_reference_add(benchmark, numel):
+    """torch.add(a, b, out=c): what a memory-bound op achieves on this machine, this run."""
+    a, b, c = torch.randn(numel), torch.randn(numel), torch.empty(numel)
+    benchmark.group = f"bandwidth add N={numel}"
+    benchmark.extra_info["bytes"] = 3 * numel * FLOAT_BYTES
+    benchmark(lambda: torch.add(a, b, out=c))

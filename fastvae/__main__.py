@@ -1,0 +1,7 @@
+"""`python -m fastvae ...` is the same as the `fastvae` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

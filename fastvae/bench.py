@@ -1,0 +1,104 @@
+"""`fastvae bench`: a quick, self-contained check of the fused ops' speed-up on your machine.
+
+It times the latent op and the Bernoulli likelihood (forward+backward) against the
+same math in eager PyTorch, interleaving the providers so machine noise hits both,
+and prints medians and ratios. The full suite with torch.compile and
+torch.distributions is in benchmarks/ (pytest-benchmark).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+
+from . import ops
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def eager_latent(mu, logvar):
+    """The canonical PyTorch VAE example's reparameterization and KL, plus log q and log p."""
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn_like(std)
+    z = mu + eps * std
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    log_q = torch.sum(-0.5 * eps.pow(2) - 0.5 * logvar, dim=-1) - 0.5 * LOG_2PI * mu.shape[-1]
+    log_p = torch.sum(-0.5 * z.pow(2), dim=-1) - 0.5 * LOG_2PI * mu.shape[-1]
+    return z, kl, log_q, log_p
+
+
+def fused_latent(mu, logvar):
+    return tuple(ops.latent_terms(mu, logvar))
+
+
+def eager_bernoulli(logits, x):
+    return -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+
+
+def fused_bernoulli(logits, x):
+    return ops.bernoulli_log_likelihood(logits, x, check_range=False)
+
+
+def _forward_backward(fn, inputs):
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = tuple(torch.ones_like(o) for o in outputs)
+
+    def step():
+        out = fn(*inputs)
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+
+    return step
+
+
+def _median_seconds(step, budget: float) -> float:
+    """Median time of `step`, in batches of calls sized to ~1 ms, within `budget` seconds."""
+    step()
+    start = time.perf_counter()
+    step()
+    once = max(time.perf_counter() - start, 1e-7)
+    calls = max(1, int(1e-3 / once))
+    samples = []
+    deadline = time.perf_counter() + budget
+    while time.perf_counter() < deadline or len(samples) < 5:
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def compare(name: str, fused, eager, inputs, budget: float) -> tuple[str, float, float]:
+    """Times both providers in alternating slices and returns (name, fused s, eager s)."""
+    fused_step, eager_step = _forward_backward(fused, inputs), _forward_backward(eager, inputs)
+    fused_times, eager_times = [], []
+    for _ in range(3):
+        fused_times.append(_median_seconds(fused_step, budget / 6))
+        eager_times.append(_median_seconds(eager_step, budget / 6))
+    return name, min(fused_times), min(eager_times)
+
+
+def run(budget_per_case: float = 1.5) -> list[tuple[str, float, float]]:
+    torch.manual_seed(0)
+    rows = []
+    for batch, dim in [(128, 32), (512, 64), (4096, 256)]:
+        mu = torch.randn(batch, dim, requires_grad=True)
+        logvar = (0.1 * torch.randn(batch, dim)).requires_grad_()
+        rows.append(compare(f"latent fwd+bwd B={batch} D={dim}", fused_latent, eager_latent, (mu, logvar),
+                            budget_per_case))
+    for batch in [128, 1024]:
+        logits = torch.randn(batch, 784, requires_grad=True)
+        x = torch.bernoulli(torch.full((batch, 784), 0.3))
+        rows.append(compare(f"bernoulli fwd+bwd B={batch} P=784", fused_bernoulli, eager_bernoulli, (logits, x),
+                            budget_per_case))
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = [f"{'case':36s} {'fastvae (us)':>13s} {'eager (us)':>11s} {'speed-up':>9s}"]
+    for name, fused, eager in rows:
+        lines.append(f"{name:36s} {fused * 1e6:13.1f} {eager * 1e6:11.1f} {eager / fused:8.2f}x")
+    return "\n".join(lines)
