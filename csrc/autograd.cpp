@@ -26,7 +26,7 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 optional<Tensor> defined_or_none(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
 
 using LatentSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
-                                                             optional<int64_t>, int64_t, int64_t, bool);
+                                                             optional<int64_t>, int64_t, int64_t, int64_t, bool);
 using LatentBackwardSig = std::tuple<Tensor, Tensor>(const optional<Tensor>&, const optional<Tensor>&,
                                                      const optional<Tensor>&, const optional<Tensor>&,
                                                      const Tensor&, const Tensor&, const Tensor&, bool);
@@ -40,10 +40,10 @@ class LatentTerms : public torch::autograd::Function<LatentTerms> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar,
                                const optional<Tensor>& eps, optional<int64_t> num_samples, int64_t seed,
-                               int64_t offset, bool stl) {
+                               int64_t offset, int64_t row_offset, bool stl) {
     static const auto op = find_op<LatentSig>("fastvae::latent_terms");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [z, kl, log_q, log_p] = op.call(mu, logvar, eps, num_samples, seed, offset, stl);
+    auto [z, kl, log_q, log_p] = op.call(mu, logvar, eps, num_samples, seed, offset, row_offset, stl);
     // eps is not saved: std*eps = z - mu (DESIGN.md section 1).
     ctx->save_for_backward({z, mu, logvar});
     ctx->saved_data["stl"] = stl;
@@ -58,7 +58,7 @@ class LatentTerms : public torch::autograd::Function<LatentTerms> {
         op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]),
                 defined_or_none(grads[3]), saved[0], saved[1], saved[2], ctx->saved_data["stl"].toBool());
     // eps is treated as data: no gradient flows to it.
-    return {grad_mu, grad_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_mu, grad_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -103,8 +103,9 @@ class GaussianLogProb : public torch::autograd::Function<GaussianLogProb> {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> latent_terms_autograd(const Tensor& mu, const Tensor& logvar,
                                                                  const optional<Tensor>& eps, optional<int64_t> num_samples,
-                                                                 int64_t seed, int64_t offset, bool stl) {
-  auto out = LatentTerms::apply(mu, logvar, eps, num_samples, seed, offset, stl);
+                                                                 int64_t seed, int64_t offset, int64_t row_offset,
+                                                                 bool stl) {
+  auto out = LatentTerms::apply(mu, logvar, eps, num_samples, seed, offset, row_offset, stl);
   return {out[0], out[1], out[2], out[3]};
 }
 

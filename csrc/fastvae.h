@@ -142,9 +142,12 @@ C10_HOST_DEVICE inline void sincos_quarter(float phi, float* s, float* c) {
 // ---------------------------------------------------------------------------
 // Noise: Philox4x32-10 (Salmon et al. 2011), counter-based, keyed by the seed.
 //
-// Element i of a draw with (seed, offset) uses counter (i/4, offset) and takes
-// normal number i%4 of that block. The mapping depends on nothing but (seed,
-// offset, i), so every backend, thread count and dtype sees the same eps.
+// Element (l, b, d) of z, for sample l and example row b (plus the caller's
+// row_offset), has the within-sample index i = (b + row_offset)*D + d; it uses
+// Philox block noise_block(l, i/4), with the 64-bit `offset` as the counter's
+// upper half, and takes normal number i%4 of that block. The mapping depends on
+// nothing but (seed, offset, l, global row, d), so every backend, thread count,
+// dtype and batch split (row_offset: a data-parallel shard) sees the same eps.
 // ---------------------------------------------------------------------------
 struct Philox4 {
   uint32_t v[4];
@@ -188,6 +191,11 @@ C10_HOST_DEVICE inline void box_muller(uint32_t a, uint32_t b, float* n0, float*
   float sign1 = (a & 2u) ? -1.0f : 1.0f;
   *n0 = sign0 * radius * c;
   *n1 = sign1 * radius * s;
+}
+
+// Counter of block `block_in_sample` of sample l (room for 2^34 elements per sample).
+C10_HOST_DEVICE inline uint64_t noise_block(uint64_t sample, uint64_t block_in_sample) {
+  return (sample << 32) + block_in_sample;
 }
 
 // The four standard normals of counter block `block` (elements 4*block .. 4*block+3).

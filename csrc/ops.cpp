@@ -12,9 +12,12 @@ TORCH_LIBRARY(fastvae, m) {
   // z = mu + exp(0.5*logvar)*eps for num_samples = L draws, and the per-row
   // sums kl (B), log_q (L,B), log_p (L,B). num_samples=None: one draw and no
   // sample dimension (z (B,D), log_q and log_p (B)). eps: given, shaped like z,
-  // or drawn from Philox keyed by (seed, offset). stl only changes the backward.
+  // or drawn from Philox keyed by (seed, offset); row_offset is the global index
+  // of the first example (so a data-parallel shard draws its part of the global
+  // batch's noise). stl only changes the backward.
   m.def(
-      "latent_terms(Tensor mu, Tensor logvar, Tensor? eps, int? num_samples, int seed, int offset, bool stl=False)"
+      "latent_terms(Tensor mu, Tensor logvar, Tensor? eps, int? num_samples, int seed, int offset,"
+      " int row_offset=0, bool stl=False)"
       " -> (Tensor z, Tensor kl, Tensor log_q, Tensor log_p)");
   m.def(
       "latent_terms_backward(Tensor? grad_z, Tensor? grad_kl, Tensor? grad_log_q, Tensor? grad_log_p,"

@@ -145,7 +145,7 @@ def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
 if _BACKEND == "cpp":
 
     @torch.library.register_fake("fastvae::latent_terms")
-    def _latent_terms_fake(mu, logvar, eps, num_samples, seed, offset, stl=False):
+    def _latent_terms_fake(mu, logvar, eps, num_samples, seed, offset, row_offset=0, stl=False):
         _check_latent(mu, logvar, eps, num_samples)
         z_shape = _z_shape(mu, num_samples)
         sums = _sum_dtype(mu.dtype)
@@ -187,9 +187,9 @@ if _BACKEND == "cpp":
     _gaussian_op = torch.ops.fastvae.gaussian_log_prob.default
 else:
 
-    def _latent_op(mu, logvar, eps, num_samples, seed, offset, stl=False):
+    def _latent_op(mu, logvar, eps, num_samples, seed, offset, row_offset=0, stl=False):
         _check_latent(mu, logvar, eps, num_samples)
-        return reference.latent_terms(mu, logvar, eps, num_samples, seed, offset, stl)
+        return reference.latent_terms(mu, logvar, eps, num_samples, seed, offset, row_offset, stl)
 
     def _bernoulli_op(logits, x):
         _check_likelihood(logits, x, "logits")
@@ -239,6 +239,7 @@ def latent_terms(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     offset: int = 0,
+    row_offset: int = 0,
     stl: bool = False,
 ) -> LatentTerms:
     """z = mu + exp(0.5*logvar)*eps with the analytic KL, log q(z|x) and log p(z), in one fused pass.
@@ -247,6 +248,9 @@ def latent_terms(
     eps: your own noise, shaped like z; treated as data, no gradient flows to it.
     Otherwise eps is drawn inside the kernel from Philox keyed by (seed, offset); seed=None draws
     one from `generator` (torch's default generator when None). The same seed gives the same z.
+    row_offset: the global index of this batch's first example. The noise of an example depends
+    only on (seed, offset, sample, global index), so a data-parallel shard passing its offset
+    draws exactly its part of the global batch's noise.
     stl: "sticking the landing" (Roeder et al. 2017): log_q's gradient flows only through z.
     NaN or inf in mu/logvar propagate to the outputs of the affected rows; they are not raised.
     """
@@ -260,7 +264,9 @@ def latent_terms(
     else:
         _check_int(seed, "seed")
         _check_int(offset, "offset")
-    z, kl, log_q, log_p = _latent_op(mu, logvar, eps, num_samples, seed, offset, stl)
+    if row_offset:
+        _check_int(row_offset, "row_offset")
+    z, kl, log_q, log_p = _latent_op(mu, logvar, eps, num_samples, seed, offset, row_offset, stl)
     return LatentTerms(z, kl, log_q, log_p)
 
 

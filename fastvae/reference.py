@@ -58,17 +58,18 @@ def _box_muller(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sign0 * radius * np.cos(phi), sign1 * radius * np.sin(phi)
 
 
-def philox_normal(count: int, seed: int, offset: int = 0, first: int = 0) -> Tensor:
-    """Standard normals for flat element indices [first, first+count), float32.
+def philox_normal(count: int, seed: int, offset: int = 0, first: int = 0, sample: int = 0) -> Tensor:
+    """Standard normals of sample `sample`, within-sample indices [first, first+count), float32.
 
-    Element i uses Philox block i // 4 (counter (i//4, offset), key seed) and
-    takes normal i % 4 of it, exactly as `normal4` in csrc/fastvae.h.
+    Within-sample index i uses Philox block (sample << 32) + i // 4 (counter
+    (block, offset), key seed) and takes normal i % 4 of it, exactly as
+    `noise_block` and `normal4` in csrc/fastvae.h.
     """
     seed &= (1 << 64) - 1
     offset &= (1 << 64) - 1
     first_block = first // 4
     end_block = (first + count + 3) // 4
-    blocks = np.arange(first_block, end_block, dtype=np.uint64)
+    blocks = np.arange(first_block, end_block, dtype=np.uint64) + np.uint64(sample << 32)
     w0, w1, w2, w3 = philox4x32_10(blocks, offset, seed)
     n0, n1 = _box_muller(w0, w1)
     n2, n3 = _box_muller(w2, w3)
@@ -89,6 +90,7 @@ def latent_terms(
     num_samples: int | None = None,
     seed: int = 0,
     offset: int = 0,
+    row_offset: int = 0,
     stl: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """z (L,B,D), kl (B), log_q (L,B), log_p (L,B): the contract of fastvae::latent_terms.
@@ -100,7 +102,8 @@ def latent_terms(
     batch, dim = mu.shape
     z_shape = (batch, dim) if num_samples is None else (num_samples, batch, dim)
     if eps is None:
-        eps = philox_normal(math.prod(z_shape), seed, offset).view(z_shape)
+        per_sample = [philox_normal(batch * dim, seed, offset, row_offset * dim, l) for l in range(num_samples or 1)]
+        eps = torch.stack(per_sample).view(z_shape)
     eps = eps.detach().to(device=mu.device, dtype=dtype)
     std = torch.exp(0.5 * logvar_c)
     z = mu_c + std * eps

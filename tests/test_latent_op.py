@@ -104,7 +104,7 @@ def test_gradients_match_reference_autograd(stl):
         return sum((w * o).sum() for w, o in zip(weights, outputs))
 
     got = torch.autograd.grad(loss(fastvae.latent_terms(mu, logvar, 3, seed=9, stl=stl)), (mu, logvar))
-    eps = reference.philox_normal(3 * 4 * 6, 9).view(3, 4, 6).double()
+    eps = torch.stack([reference.philox_normal(4 * 6, 9, sample=l) for l in range(3)]).view(3, 4, 6).double()
     want = torch.autograd.grad(loss(reference.latent_terms(mu, logvar, eps, 3, stl=stl)), (mu, logvar))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
@@ -137,8 +137,8 @@ def test_backward_saves_no_eps_or_std():
 def test_opcheck(requires_grad, with_eps):
     mu, logvar = make_inputs(batch=3, dim=5, dtype=torch.float32, requires_grad=requires_grad)
     eps = torch.randn(2, 3, 5) if with_eps else None
-    torch.library.opcheck(torch.ops.fastvae.latent_terms.default, (mu, logvar, eps, 2, 11, 0, False))
-    torch.library.opcheck(torch.ops.fastvae.latent_terms.default, (mu, logvar, None, None, 11, 0, True))
+    torch.library.opcheck(torch.ops.fastvae.latent_terms.default, (mu, logvar, eps, 2, 11, 0, 0, False))
+    torch.library.opcheck(torch.ops.fastvae.latent_terms.default, (mu, logvar, None, None, 11, 0, 3, True))
 
 
 @requires_cpp
@@ -178,8 +178,17 @@ def test_philox_known_answer():
 def test_in_kernel_noise_is_the_reference_stream():
     mu, logvar = torch.zeros(3, 37), torch.zeros(3, 37)
     z = fastvae.latent_terms(mu, logvar, 2, seed=2**40 + 3, offset=5).z
-    expected = reference.philox_normal(2 * 3 * 37, 2**40 + 3, 5).view(2, 3, 37)
-    torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
+    expected = torch.stack([reference.philox_normal(3 * 37, 2**40 + 3, 5, sample=l) for l in range(2)])
+    torch.testing.assert_close(z, expected.view(2, 3, 37), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_row_offset_draws_a_shard_of_the_global_batch(num_samples):
+    mu, logvar = make_inputs(batch=10, dim=7, dtype=torch.float32)
+    whole = fastvae.latent_terms(mu, logvar, num_samples, seed=21).z
+    first = fastvae.latent_terms(mu[:4], logvar[:4], num_samples, seed=21).z
+    second = fastvae.latent_terms(mu[4:], logvar[4:], num_samples, seed=21, row_offset=4).z
+    torch.testing.assert_close(torch.cat([first, second], dim=-2), whole, rtol=0, atol=0)
 
 
 def test_same_seed_same_samples_different_seed_different_samples():
@@ -293,6 +302,8 @@ def test_mismatched_devices_raise():
 def test_direct_op_call_is_validated_too():
     with pytest.raises(RuntimeError, match="num_samples must be >= 1"):
         torch.ops.fastvae.latent_terms(torch.zeros(2, 2), torch.zeros(2, 2), None, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="row_offset must be >= 0"):
+        torch.ops.fastvae.latent_terms(torch.zeros(2, 2), torch.zeros(2, 2), None, 1, 0, 0, -1)
     with pytest.raises(RuntimeError, match="grad_z must have the shape of z"):
         torch.ops.fastvae.latent_terms_backward(
             torch.zeros(3), None, None, None, torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), False

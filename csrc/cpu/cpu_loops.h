@@ -33,16 +33,17 @@ inline void parallel_rows(int64_t rows, int64_t row_len, const F& f) {
   at::parallel_for(0, rows, grain, f);
 }
 
-// Writes the standard normals for flat element indices [first, first+count)
-// (count <= kNoiseChunk) into `buf`, which must hold kNoiseChunk + 8 floats,
-// and returns the pointer to the normal of index `first`.
-inline const float* draw_normals(uint64_t seed, uint64_t offset, int64_t first, int64_t count, float* buf) {
+// Writes the standard normals of sample `sample`, within-sample indices
+// [first, first+count) (count <= kNoiseChunk), into `buf`, which must hold
+// kNoiseChunk + 8 floats, and returns the pointer to the normal of index `first`.
+inline const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample, int64_t first, int64_t count,
+                                 float* buf) {
   const int64_t first_block = first / 4;
   const int64_t end_block = (first + count + 3) / 4;
 #pragma omp simd
   for (int64_t block = first_block; block < end_block; ++block) {
     float* out = buf + 4 * (block - first_block);
-    normal4(seed, offset, static_cast<uint64_t>(block), out);
+    normal4(seed, offset, noise_block(static_cast<uint64_t>(sample), static_cast<uint64_t>(block)), out);
   }
   return buf + (first - 4 * first_block);
 }

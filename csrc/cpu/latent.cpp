@@ -26,16 +26,18 @@ struct LatentForward {
   T* log_p;
   int64_t batch, dim;
   uint64_t seed, offset;
+  int64_t row_offset;  // global index of this batch's first example (data-parallel shards)
 };
 
-// The noise of elements [first, first+count) of z, as T: the caller's eps, or
-// fresh Philox normals (drawn in float32 for every dtype, so a seed gives the
+// The noise of elements [c, c+count) of z's row `row`, as T: the caller's eps,
+// or fresh Philox normals (drawn in float32 for every dtype, so a seed gives the
 // same eps whatever the dtype).
 template <typename T>
-__attribute__((always_inline)) inline const T* noise_chunk(const LatentForward<T>& a, int64_t first, int64_t count,
-                                                           float* fbuf, T* tbuf) {
-  if (a.eps != nullptr) return a.eps + first;
-  const float* normals = draw_normals(a.seed, a.offset, first, count, fbuf);
+__attribute__((always_inline)) inline const T* noise_chunk(const LatentForward<T>& a, int64_t row, int64_t c,
+                                                           int64_t count, float* fbuf, T* tbuf) {
+  if (a.eps != nullptr) return a.eps + row * a.dim + c;
+  const int64_t sample = row / a.batch, example = row % a.batch + a.row_offset;
+  const float* normals = draw_normals(a.seed, a.offset, sample, example * a.dim + c, count, fbuf);
   if constexpr (std::is_same_v<T, float>) {
     return normals;
   } else {
@@ -58,7 +60,7 @@ __attribute__((always_inline)) inline void latent_forward_rows(const LatentForwa
     T lq = 0, lp = 0, kl = 0;
     for (int64_t c = 0; c < D; c += kNoiseChunk) {
       const int64_t n = std::min(kNoiseChunk, D - c);
-      const T* eps = noise_chunk(a, row * D + c, n, fbuf, tbuf);
+      const T* eps = noise_chunk(a, row, c, n, fbuf, tbuf);
 #pragma omp simd reduction(+ : lq, lp, kl)
       for (int64_t j = 0; j < n; ++j) {
         const int64_t d = c + j;
@@ -179,8 +181,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at
                                                                       const at::Tensor& logvar_in,
                                                                       const c10::optional<at::Tensor>& eps_in,
                                                                       c10::optional<int64_t> num_samples, int64_t seed,
-                                                                      int64_t offset, bool /*stl*/) {
+                                                                      int64_t offset, int64_t row_offset,
+                                                                      bool /*stl*/) {
   check_latent_inputs(mu_in, logvar_in, eps_in, num_samples);
+  TORCH_CHECK(row_offset >= 0, "fastvae: row_offset must be >= 0, got ", row_offset);
   const at::ScalarType dtype = compute_dtype(mu_in);
   const at::Tensor mu = mu_in.to(dtype).contiguous();
   const at::Tensor logvar = logvar_in.to(dtype).contiguous();
@@ -198,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at
                                        kl.data_ptr<scalar_t>(),     log_q.data_ptr<scalar_t>(),
                                        log_p.data_ptr<scalar_t>(),  B,
                                        D,                           static_cast<uint64_t>(seed),
-                                       static_cast<uint64_t>(offset)};
+                                       static_cast<uint64_t>(offset), row_offset};
     parallel_rows(L * B, D, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
   return {z.to(mu_in.scalar_type()), kl, log_q, log_p};
