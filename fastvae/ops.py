@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -218,8 +219,18 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
         offset = gen.get_offset()
         gen.set_offset(offset + 4)
         return gen.initial_seed() & _INT64_MAX, offset
-    seed = torch.empty((), dtype=torch.int64).random_(generator=generator)
-    return int(seed), 0
+    return int(_seed_scratch().random_(generator=generator)), 0
+
+
+_thread_state = threading.local()
+
+
+def _seed_scratch() -> Tensor:
+    """A per-thread int64 scalar to draw seeds into: allocating one per call costs as much as the draw."""
+    scratch = getattr(_thread_state, "seed", None)
+    if scratch is None:
+        scratch = _thread_state.seed = torch.empty((), dtype=torch.int64)
+    return scratch
 
 
 def _check_int(value, name: str, low: int = 0) -> int:
