@@ -1,0 +1,54 @@
+"""`mlp`: the fully connected encoder/decoder of Kingma & Welling (2014).
+
+Flattens any input shape, so it is the architecture that works everywhere. Burda et al.
+(2016) use hidden=(200, 200) with tanh for their 784-200-200-50 models.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from fastvae.registry import Decoder, Encoder, register_decoder, register_encoder
+
+from ._common import check_widths, make_activation, with_condition
+
+
+def _mlp(in_features: int, hidden: tuple[int, ...], out_features: int, activation: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), make_activation(activation)]
+        in_features = width
+    layers.append(nn.Linear(in_features, out_features))
+    return nn.Sequential(*layers)
+
+
+@register_encoder("mlp")
+class MLPEncoder(Encoder):
+    """Fully connected encoder (Kingma & Welling 2014); flattens any input shape."""
+
+    def __init__(self, input_shape, latent_dim, condition_dim=0, hidden=(500,), activation="tanh"):
+        super().__init__(input_shape, latent_dim, condition_dim)
+        hidden = check_widths("hidden", hidden)
+        self.net = _mlp(math.prod(self.input_shape) + condition_dim, hidden, 2 * latent_dim, activation)
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_input(x, condition)
+        mu, logvar = self.net(with_condition(x.flatten(1), condition)).chunk(2, dim=1)
+        return mu, logvar
+
+
+@register_decoder("mlp")
+class MLPDecoder(Decoder):
+    """Fully connected decoder (Kingma & Welling 2014); reshapes to any output shape."""
+
+    def __init__(self, output_shape, latent_dim, condition_dim=0, likelihood="bernoulli", hidden=(500,),
+                 activation="tanh"):
+        super().__init__(output_shape, latent_dim, condition_dim, likelihood)
+        hidden = check_widths("hidden", hidden)
+        self.net = _mlp(latent_dim + condition_dim, hidden, self.params_per_element * self.output_numel, activation)
+
+    def forward(self, z: Tensor, condition: Tensor | None = None):
+        self.check_input(z, condition)
+        return self.to_output(self.net(with_condition(z, condition)))

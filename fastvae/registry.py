@@ -1,0 +1,328 @@
+"""Named, pluggable encoder/decoder architectures.
+
+An architecture is a pair of classes, an Encoder and a Decoder subclass, registered
+under the same name with the decorators below. The VAE builds them by name, so a new
+architecture needs no change to fastvae: define the classes, decorate them, and either
+import the module yourself or ship it as a distribution that declares an entry point in
+the ENTRY_POINT_GROUP group. Plugins are discovered lazily, on the first lookup or
+listing, so importing fastvae stays cheap and a broken plugin cannot break the import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import math
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from torch import Tensor, nn
+
+ENTRY_POINT_GROUP = "fastvae.architectures"
+KINDS = ("encoder", "decoder")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+BUILTIN = "builtin"
+# Constructor arguments every architecture shares; the listing shows only the others.
+_CONTRACT_PARAMS = {"input_shape", "output_shape", "latent_dim", "condition_dim", "likelihood"}
+
+
+class UnknownArchitectureError(LookupError):
+    """A name that is not registered for the requested kind."""
+
+
+class DuplicateArchitectureError(ValueError):
+    """A second, different class registered under a taken name without override=True."""
+
+
+def _check_shape(arg: str, shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"{arg} must be a tuple of positive ints, got {shape!r}") from None
+    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"{arg} must be a non-empty tuple of positive ints, got {shape!r}")
+    return shape
+
+
+def _check_dims(latent_dim, condition_dim) -> None:
+    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+        raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+    if isinstance(condition_dim, bool) or not isinstance(condition_dim, int) or condition_dim < 0:
+        raise ValueError(f"condition_dim must be an int >= 0, got {condition_dim!r}")
+
+
+def _check_condition(who: str, condition: Tensor | None, batch: int, condition_dim: int) -> None:
+    if condition_dim == 0:
+        if condition is not None:
+            raise ValueError(f"{who} has condition_dim=0 but a condition was given")
+        return
+    if condition is None or tuple(condition.shape) != (batch, condition_dim):
+        got = None if condition is None else tuple(condition.shape)
+        raise ValueError(f"{who} expects a condition of shape ({batch}, {condition_dim}), got {got}")
+
+
+class Encoder(nn.Module):
+    """Base class of encoders: x (B, *input_shape) -> (mu, logvar), each (B, latent_dim).
+
+    Subclasses call super().__init__(input_shape, latent_dim, condition_dim), which
+    validates the shared arguments, and start forward with self.check_input(x, condition)
+    so a wrong shape fails with a clear message instead of deep inside a layer.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], latent_dim: int, condition_dim: int = 0):
+        super().__init__()
+        self.input_shape = _check_shape("input_shape", input_shape)
+        _check_dims(latent_dim, condition_dim)
+        self.latent_dim = latent_dim
+        self.condition_dim = condition_dim
+
+    def check_input(self, x: Tensor, condition: Tensor | None) -> None:
+        who = type(self).__name__
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"{who} expects x of shape (batch, *{self.input_shape}), got {tuple(x.shape)}")
+        _check_condition(who, condition, x.shape[0], self.condition_dim)
+
+
+class Decoder(nn.Module):
+    """Base class of decoders: z (N, latent_dim) -> parameters of p(x|z) over output_shape.
+
+    "bernoulli" gives logits, "gaussian" means, "gaussian_learned" a (mean, logvar) tuple,
+    each (N, *output_shape). Subclasses produce self.params_per_element values per output
+    element, parameter-major (e.g. (N, params_per_element * C, H, W)), and finish with
+    self.to_output(raw), so the likelihood handling lives here once.
+    """
+
+    def __init__(
+        self,
+        output_shape: tuple[int, ...],
+        latent_dim: int,
+        condition_dim: int = 0,
+        likelihood: str = "bernoulli",
+    ):
+        super().__init__()
+        self.output_shape = _check_shape("output_shape", output_shape)
+        _check_dims(latent_dim, condition_dim)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.latent_dim = latent_dim
+        self.condition_dim = condition_dim
+        self.likelihood = likelihood
+        self.params_per_element = 2 if likelihood == "gaussian_learned" else 1
+
+    @property
+    def output_numel(self) -> int:
+        return math.prod(self.output_shape)
+
+    def check_input(self, z: Tensor, condition: Tensor | None) -> None:
+        who = type(self).__name__
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"{who} expects z of shape (N, {self.latent_dim}), got {tuple(z.shape)}")
+        _check_condition(who, condition, z.shape[0], self.condition_dim)
+
+    def to_output(self, raw: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        params = raw.reshape(raw.shape[0], self.params_per_element, *self.output_shape)
+        if self.likelihood == "gaussian_learned":
+            return params[:, 0], params[:, 1]
+        return params[:, 0]
+
+
+@dataclass(frozen=True)
+class ArchitectureInfo:
+    kind: str           # "encoder" or "decoder"
+    name: str
+    description: str    # one line
+    config: dict        # constructor parameter -> default, or "required"
+    source: str         # "builtin", the plugin's distribution name, or the registering module
+
+
+@dataclass(frozen=True)
+class _Entry:
+    cls: type
+    description: str
+    source: str
+    from_plugin: bool  # registered while an entry point loaded, so reload_plugins forgets it
+
+
+_REGISTRY: dict[str, dict[str, _Entry]] = {kind: {} for kind in KINDS}
+_BASES = {"encoder": Encoder, "decoder": Decoder}
+_plugins_loaded = False
+_loading_source: str | None = None  # distribution whose entry point is being loaded
+
+
+def _source_of(cls: type) -> str:
+    if _loading_source is not None:
+        return _loading_source
+    return BUILTIN if cls.__module__.startswith("fastvae.") else cls.__module__
+
+
+def _same_class(a: type, b: type) -> bool:
+    # A re-executed module (reload_plugins, importlib.reload) makes a new class object
+    # for the same definition; that is a refresh, not a clash.
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def _register(kind: str, name: str, description: str | None, override: bool):
+    def decorator(cls):
+        base = _BASES[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"register_{kind}({name!r}) needs a subclass of fastvae.registry.{base.__name__}, "
+                            f"got {cls!r}")
+        existing = _REGISTRY[kind].get(name)
+        if existing is not None and not override and not _same_class(existing.cls, cls):
+            raise DuplicateArchitectureError(
+                f"{kind} {name!r} is already registered by {existing.source} ({existing.cls.__qualname__}); "
+                "pass override=True to replace it"
+            )
+        doc = (cls.__doc__ or "").strip().splitlines()  # its own docstring, not a base class's
+        _REGISTRY[kind][name] = _Entry(cls, description or (doc[0] if doc else ""), _source_of(cls),
+                                       from_plugin=_loading_source is not None)
+        return cls
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an architecture name must be a non-empty string, got {name!r}")
+    return decorator
+
+
+def register_encoder(name: str, *, description: str | None = None, override: bool = False):
+    """Class decorator: make an Encoder subclass buildable as build_encoder(name, ...)."""
+    return _register("encoder", name, description, override)
+
+
+def register_decoder(name: str, *, description: str | None = None, override: bool = False):
+    """Class decorator: make a Decoder subclass buildable as build_decoder(name, ...)."""
+    return _register("decoder", name, description, override)
+
+
+def unregister(kind: str, name: str) -> None:
+    """Forget a registration (tests and interactive sessions); unknown names raise."""
+    _lookup(kind, name)
+    del _REGISTRY[kind][name]
+
+
+# ----------------------------------------------------------------------------- plugins
+@contextmanager
+def _registering_for(source: str):
+    global _loading_source
+    _loading_source = source
+    try:
+        yield
+    finally:
+        _loading_source = None
+
+
+def _load_entry_point(ep) -> None:
+    """Import (or re-import) the entry point's module, and call it if it is a callable."""
+    is_module = not ep.attr
+    imported_before = ep.module in sys.modules
+    obj = ep.load()
+    if is_module:
+        if imported_before:  # its decorators ran before this scan; run them again
+            importlib.reload(obj)
+    else:
+        obj()
+
+
+def _scan_plugins() -> None:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else ep.value
+        try:
+            with _registering_for(dist):
+                _load_entry_point(ep)
+        except Exception as exc:  # a broken plugin must not take the others down
+            warnings.warn(f"fastvae: skipped architecture plugin {ep.name!r} = {ep.value!r} from distribution "
+                          f"{dist!r}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def _ensure_loaded() -> None:
+    global _plugins_loaded
+    importlib.import_module("fastvae.architectures")  # the built-ins register on import
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        _scan_plugins()
+
+
+def reload_plugins() -> None:
+    """Forget what plugins registered and scan the entry points again (after an install, in tests)."""
+    global _plugins_loaded
+    for entries in _REGISTRY.values():
+        for name in [name for name, entry in entries.items() if entry.from_plugin]:
+            del entries[name]
+    _plugins_loaded = False
+    _ensure_loaded()
+
+
+# ----------------------------------------------------------------------------- lookup
+def _lookup(kind: str, name: str) -> type:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _ensure_loaded()
+    entry = _REGISTRY[kind].get(name)
+    if entry is None:
+        known = sorted(_REGISTRY[kind])
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        raise UnknownArchitectureError(
+            f"unknown {kind} {name!r}{hint} Known {kind}s: {', '.join(known) or 'none'} (see `fastvae list`)"
+        )
+    return entry.cls
+
+
+def _build(kind: str, name: str, config: dict) -> nn.Module:
+    cls = _lookup(kind, name)
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**config)
+    except TypeError as exc:  # name the architecture and what it accepts, not just "__init__()"
+        raise TypeError(f"{kind} {name!r}: {exc}; it accepts {', '.join(signature.parameters)}") from None
+    return cls(**config)
+
+
+def build_encoder(name: str, **config) -> Encoder:
+    """Instantiate the encoder registered as name with keyword configuration config."""
+    return _build("encoder", name, config)
+
+
+def build_decoder(name: str, **config) -> Decoder:
+    """Instantiate the decoder registered as name with keyword configuration config."""
+    return _build("decoder", name, config)
+
+
+def _config_of(cls: type) -> dict:
+    return {
+        param.name: "required" if param.default is param.empty else param.default
+        for param in inspect.signature(cls).parameters.values()
+        if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+    }
+
+
+def available(kind: str | None = None) -> list[ArchitectureInfo]:
+    """Every registered architecture of kind (or of both kinds), plugins included, sorted by name."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    _ensure_loaded()
+    infos = [
+        ArchitectureInfo(k, name, entry.description, _config_of(entry.cls), entry.source)
+        for k in KINDS
+        if kind in (None, k)
+        for name, entry in _REGISTRY[k].items()
+    ]
+    return sorted(infos, key=lambda info: (info.name, KINDS.index(info.kind)))
+
+
+def format_table() -> str:
+    """The listing `fastvae list` prints: one row per architecture, its own config below it."""
+    infos = available()
+    rows = [("NAME", "KIND", "SOURCE", "DESCRIPTION")] + [(i.name, i.kind, i.source, i.description) for i in infos]
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
+    lines = []
+    for row, info in zip(rows, [None] + infos):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+        config = {} if info is None else {k: v for k, v in info.config.items() if k not in _CONTRACT_PARAMS}
+        if config:
+            indent = " " * (sum(widths) + 2 * len(widths))
+            lines.append(indent + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+    return "\n".join(lines)

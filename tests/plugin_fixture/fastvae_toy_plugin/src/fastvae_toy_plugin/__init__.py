@@ -1,0 +1,1 @@
+"""A toy fastvae architecture plugin; importing .architecture registers `toy_mlp`."""
