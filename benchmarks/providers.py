@@ -29,7 +29,7 @@ def latent_fastvae(mu, logvar, num_samples=None):
 
 def latent_eager(mu, logvar, num_samples=None):
     std = torch.exp(0.5 * logvar)
-    eps = torch.randn_like(std) if num_samples is None else torch.randn((num_samples, *std.shape))
+    eps = torch.randn_like(std) if num_samples is None else std.new_empty((num_samples, *std.shape)).normal_()
     z = mu + eps * std
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
     dim = mu.shape[-1]

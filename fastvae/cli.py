@@ -7,8 +7,11 @@ the library raises on bad input (files, shapes, values) give one line and status
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -33,9 +36,208 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def cmd_train(args) -> int:
+    from . import distributed
+    from .train import TrainConfig, train
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
+
+    arch_config = dict(args.arch_config or {})
+    if args.hidden is not None:
+        arch_config["hidden"] = args.hidden
+    config = TrainConfig(
+        data=args.data, out_dir=args.out, encoder=args.encoder, decoder=args.decoder, arch_config=arch_config,
+        latent_dim=args.latent_dim, likelihood=args.likelihood, binarize=args.binarize, objective=args.objective,
+        num_samples=args.samples, beta=args.beta, warmup_epochs=args.warmup, optimizer=args.optimizer, lr=args.lr,
+        batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, val_fraction=args.val_fraction,
+        conditional=args.conditional, precision=args.precision, max_minutes=args.max_minutes, device=args.device,
+    )
+    trainer, history = train(config, resume=args.resume)
+    print(f"trained to epoch {trainer.epoch}; checkpoint, metrics.csv and PNGs in {trainer.out_dir}")
+    return 0
+
+
+def _binarizer(train_config: dict, likelihood: str, seed: int):
+    from . import data as data_lib
+
+    mode = train_config.get("binarize", "none") if likelihood == "bernoulli" else "none"
+    generator = torch.Generator().manual_seed(seed)
+    return lambda x: data_lib.binarize(x, mode, generator=generator)
+
+
+def cmd_eval(args) -> int:
+    from . import data as data_lib
+    from .evaluate import evaluate
+    from .train import load_model
+
+    model, state = load_model(args.checkpoint)
+    dataset = data_lib.load_dataset(args.data or state["train_config"]["data"], args.split)
+    images = dataset.images[: args.limit] if args.limit else dataset.images
+    labels = dataset.labels[: len(images)] if dataset.labels is not None else None
+    torch.manual_seed(args.seed)
+    results = evaluate(model, images, labels, dataset.num_classes, batch_size=args.batch_size,
+                       is_samples=args.is_samples, binarize=_binarizer(state["train_config"], model.likelihood, args.seed),
+                       generator=torch.Generator().manual_seed(args.seed))
+    print(json.dumps({"data": dataset.name, "split": args.split, "is_samples": args.is_samples, **results}, indent=2))
+    return 0
+
+
+def _condition_vector(text: str | None, model):
+    if text is None:
+        if model.condition_dim:
+            raise ValueError(f"this model is conditional: pass --condition (a class in 0..{model.condition_dim - 1} "
+                             f"or {model.condition_dim} comma-separated attribute values)")
+        return None
+    if not model.condition_dim:
+        raise ValueError("--condition given but this model is not conditional")
+    values = [float(v) for v in text.split(",")]
+    if len(values) == 1:
+        label = int(values[0])
+        if not 0 <= label < model.condition_dim:
+            raise ValueError(f"--condition must be a class in 0..{model.condition_dim - 1}, got {text}")
+        return torch.nn.functional.one_hot(torch.tensor(label), model.condition_dim).float()
+    if len(values) != model.condition_dim:
+        raise ValueError(f"--condition needs 1 class or {model.condition_dim} attribute values, got {len(values)}")
+    return torch.tensor(values)
+
+
+def cmd_sample(args) -> int:
+    from . import images
+    from .train import image_scale, load_model
+
+    model, _ = load_model(args.checkpoint)
+    condition = _condition_vector(args.condition, model)
+    batch_condition = None if condition is None else condition.expand(args.num, -1)
+    samples = model.sample(args.num, batch_condition, generator=torch.Generator().manual_seed(args.seed))
+    path = images.save_image_grid(samples, args.out, scale=image_scale(model.input_shape))
+    print(f"wrote {args.num} samples to {path}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from . import data as data_lib
+    from . import images
+    from .train import image_scale, load_model
+
+    model, state = load_model(args.checkpoint)
+    dataset = data_lib.load_dataset(args.data or state["train_config"]["data"], args.split)
+    x = dataset.images[: args.num]
+    condition = data_lib.one_hot(dataset.labels[: args.num], model.condition_dim) if model.condition_dim else None
+    path = images.save_reconstruction_grid(x, model.reconstruct(x, condition), args.out,
+                                           scale=image_scale(model.input_shape))
+    print(f"wrote {len(x)} inputs and their reconstructions to {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from . import registry
+
+    print(registry.format_table())
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a VAE (default: the embedded 8x8 digits, under a minute)")
+    p.add_argument("--data", default="digits",
+                   help="digits (embedded), mnist:DIR, fashion-mnist[:DIR], an IDX folder, .npy/.npz, or an image folder")
+    p.add_argument("--out", default="runs/fastvae", help="output folder: checkpoint, metrics.csv, PNGs")
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adam", "sgd", "adagrad"], default="adam")
+    p.add_argument("--latent-dim", type=int, default=8)
+    p.add_argument("--encoder", default="mlp", help="registered encoder name (see `fastvae list`)")
+    p.add_argument("--decoder", default=None, help="registered decoder name (default: same as --encoder)")
+    p.add_argument("--hidden", type=_int_list, default=None, help="hidden widths for mlp, e.g. 200,200")
+    p.add_argument("--arch-config", type=_json_object, default=None,
+                   help='architecture keyword configuration as JSON, e.g. \'{"activation": "relu"}\'')
+    p.add_argument("--likelihood", choices=["bernoulli", "gaussian", "gaussian_learned"], default="bernoulli")
+    p.add_argument("--binarize", choices=["dynamic", "threshold", "none"], default="dynamic",
+                   help="for bernoulli: resample binary images each epoch (dynamic), threshold at 0.5, or none")
+    p.add_argument("--objective", choices=["analytic", "monte_carlo", "iwae"], default="analytic",
+                   help="SGVB-B (analytic KL), SGVB-A (Monte Carlo), or the IWAE bound")
+    p.add_argument("--samples", type=int, default=1, help="L: latent samples per example (k for iwae)")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
+    p.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up from 0 to beta")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out")
+    p.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the labels")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that exceeds this budget")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (runs this command under torchrun)")
+    p.set_defaults(func=cmd_train)
+
+
+def add_model_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="test-set ELBO and importance-sampled log-likelihood of a checkpoint")
+    p.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")
+    p.add_argument("--data", default=None, help="data source (default: the one the model was trained on)")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--is-samples", type=int, default=0, help="importance samples for log p(x) (5000 for papers)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="PNG grid of samples from the prior")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--condition", default=None, help="class index (e.g. 7) or comma-separated attribute vector")
+    p.add_argument("--out", type=Path, default=Path("samples.png"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("reconstruct", help="PNG of test inputs beside their reconstructions")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", default=None)
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--num", type=int, default=32)
+    p.add_argument("--out", type=Path, default=Path("reconstructions.png"))
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("list", help="registered encoder/decoder architectures, plugins included")
+    p.set_defaults(func=cmd_list)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvae", description="Variational autoencoders on fused C++/CUDA ops.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    add_model_parsers(sub)
 
     info = sub.add_parser("info", help="version, active backend and build configuration")
     info.set_defaults(func=cmd_info)
@@ -49,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:

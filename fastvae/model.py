@@ -1,0 +1,221 @@
+"""The VAE model: registry encoder and decoder around the fused ops.
+
+Every loss term is per example, summed over data and latent dimensions, in nats:
+    rec[l, b]   = log p(x_b | z_lb)        (fused likelihood op)
+    kl[b]       = KL(q(z|x_b) || N(0, I))  (analytic, fused latent op)
+    log_q, log_p[l, b]                     (fused latent op)
+Objectives (seed "Training"; DESIGN.md section 1):
+    "analytic"    SGVB-B, the default:  elbo = mean_l rec - beta*kl
+    "monte_carlo" SGVB-A:               elbo = mean_l (rec + beta*(log_p - log_q))
+    "iwae"        Burda et al. 2016:    logsumexp_l (rec + log_p - log_q) - log L
+The training loss is -mean_b elbo: averaged over the batch, so learning rates do not
+depend on the batch size, while the reported ELBO stays in per-example nats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, registry
+
+OBJECTIVES = ("analytic", "monte_carlo", "iwae")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+
+
+@dataclass
+class VAEOutput:
+    z: Tensor           # (L, B, D)
+    mu: Tensor          # (B, D)
+    logvar: Tensor      # (B, D)
+    decoded: Tensor     # logits or means, (L, B, *input_shape)
+    rec: Tensor         # (L, B): log p(x|z)
+    kl: Tensor          # (B,)
+    log_q: Tensor       # (L, B)
+    log_p: Tensor       # (L, B)
+    elbo: Tensor        # (B,): the objective's bound per example (with beta applied)
+    loss: Tensor        # scalar: -mean_b elbo
+
+
+class VAE(nn.Module):
+    """A VAE with a Gaussian posterior, a N(0, I) prior and a registry encoder/decoder.
+
+    encoder, decoder: registered names (see `fastvae list`) or ready nn.Modules following
+    the registry's Encoder/Decoder contract. likelihood: "bernoulli" (decoder gives logits),
+    "gaussian" (decoder gives means, fixed log-variance `gaussian_logvar`), or
+    "gaussian_learned" (decoder gives means and log-variances).
+    """
+
+    def __init__(
+        self,
+        input_shape,
+        latent_dim: int = 50,
+        encoder="mlp",
+        decoder=None,
+        likelihood: str = "bernoulli",
+        encoder_config: dict | None = None,
+        decoder_config: dict | None = None,
+        condition_dim: int = 0,
+        gaussian_logvar: float = 0.0,
+    ):
+        super().__init__()
+        input_shape = tuple(int(s) for s in input_shape)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+        if condition_dim < 0:
+            raise ValueError(f"condition_dim must be >= 0, got {condition_dim}")
+        decoder = encoder if decoder is None else decoder
+        self.input_shape = input_shape
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.condition_dim = condition_dim
+        self.gaussian_logvar = float(gaussian_logvar)
+        common = {"latent_dim": latent_dim, "condition_dim": condition_dim}
+        self.encoder = (
+            registry.build_encoder(encoder, input_shape=input_shape, **common, **(encoder_config or {}))
+            if isinstance(encoder, str)
+            else encoder
+        )
+        self.decoder = (
+            registry.build_decoder(
+                decoder, output_shape=input_shape, likelihood=likelihood, **common, **(decoder_config or {})
+            )
+            if isinstance(decoder, str)
+            else decoder
+        )
+        # Plain values only: enough to rebuild the model from a checkpoint (named architectures).
+        self.config = {
+            "input_shape": list(input_shape),
+            "latent_dim": latent_dim,
+            "encoder": encoder if isinstance(encoder, str) else None,
+            "decoder": decoder if isinstance(decoder, str) else None,
+            "likelihood": likelihood,
+            "encoder_config": dict(encoder_config or {}),
+            "decoder_config": dict(decoder_config or {}),
+            "condition_dim": condition_dim,
+            "gaussian_logvar": self.gaussian_logvar,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> VAE:
+        if config.get("encoder") is None or config.get("decoder") is None:
+            raise ValueError("this model was built from custom modules, not registry names; rebuild it yourself")
+        return cls(**config)
+
+    # ------------------------------------------------------------------
+    def _check_input(self, x: Tensor, condition: Tensor | None) -> None:
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"x must have shape (batch, *{self.input_shape}), got {tuple(x.shape)}")
+        if self.condition_dim and (condition is None or condition.shape != (x.shape[0], self.condition_dim)):
+            got = None if condition is None else tuple(condition.shape)
+            raise ValueError(f"this model is conditional: condition must have shape ({x.shape[0]}, "
+                             f"{self.condition_dim}), got {got}")
+        if not self.condition_dim and condition is not None:
+            raise ValueError("this model is not conditional (condition_dim=0) but a condition was given")
+
+    def encode(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of q(z|x), each (B, latent_dim)."""
+        return self.encoder(x, condition)
+
+    def decode(self, z: Tensor, condition: Tensor | None = None):
+        """Decoder output for z of shape (..., latent_dim): logits, means, or (means, logvars)."""
+        lead = z.shape[:-1]
+        flat_z = z.reshape(-1, self.latent_dim)
+        flat_c = None
+        if condition is not None:
+            flat_c = condition.expand(*lead, condition.shape[-1]).reshape(-1, condition.shape[-1])
+        out = self.decoder(flat_z, flat_c)
+        if isinstance(out, tuple):
+            return tuple(o.reshape(*lead, *self.input_shape) for o in out)
+        return out.reshape(*lead, *self.input_shape)
+
+    def log_likelihood(self, decoded, x: Tensor) -> Tensor:
+        """log p(x|z) per sample and example, (L, B), from the decoder's output."""
+        if self.likelihood == "bernoulli":
+            return ops.bernoulli_log_likelihood(decoded, x, check_range=False)
+        if self.likelihood == "gaussian":
+            return ops.gaussian_log_likelihood(decoded, x, self.gaussian_logvar)
+        mean, logvar = decoded
+        return ops.gaussian_log_likelihood(mean, x, logvar)
+
+    def forward(
+        self,
+        x: Tensor,
+        condition: Tensor | None = None,
+        *,
+        num_samples: int = 1,
+        objective: str = "analytic",
+        beta: float = 1.0,
+        stl: bool = False,
+        generator: torch.Generator | None = None,
+        row_offset: int = 0,
+    ) -> VAEOutput:
+        """Encode, sample L latents per example in the fused op, decode, and score.
+
+        row_offset: global index of x's first example, for data-parallel shards (the
+        noise of an example then does not depend on how the batch was split).
+        """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self._check_input(x, condition)
+        mu, logvar = self.encode(x, condition)
+        latent = ops.latent_terms(mu, logvar, num_samples, generator=generator, stl=stl, row_offset=row_offset)
+        decoded = self.decode(latent.z, condition)
+        rec = self.log_likelihood(decoded, x)
+        elbo = bound(objective, rec, latent.kl, latent.log_q, latent.log_p, beta)
+        mean_decoded = decoded[0] if isinstance(decoded, tuple) else decoded
+        return VAEOutput(latent.z, mu, logvar, mean_decoded, rec, latent.kl, latent.log_q, latent.log_p, elbo,
+                         -elbo.mean())
+
+    # ------------------------------------------------------------------
+    def mean_image(self, decoded) -> Tensor:
+        """E[x|z]: sigmoid of the logits, or the Gaussian mean."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(decoded)
+        return decoded[0] if isinstance(decoded, tuple) else decoded
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        """E[x|z] at z = mu (the posterior mean), shaped like x."""
+        self._check_input(x, condition)
+        mu, _ = self.encode(x, condition)
+        return self.mean_image(self.decode(mu, condition))
+
+    @torch.no_grad()
+    def sample(self, num: int, condition: Tensor | None = None, generator: torch.Generator | None = None,
+               device=None) -> Tensor:
+        """E[x|z] for z drawn from the prior N(0, I): (num, *input_shape)."""
+        if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
+            raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
+        param = next(self.parameters())
+        z = torch.randn(num, self.latent_dim, generator=generator, dtype=param.dtype, device=device or param.device)
+        return self.mean_image(self.decode(z, condition))
+
+    @torch.no_grad()
+    def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 8, condition: Tensor | None = None) -> Tensor:
+        """E[x|z] along the straight line between the posterior means of x1 and x2: (steps, *input_shape)."""
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2, got {steps}")
+        pair = torch.stack([x1, x2])
+        cond = None if condition is None else condition.expand(2, -1)
+        self._check_input(pair, cond)
+        mu, _ = self.encode(pair, cond)
+        weights = torch.linspace(0, 1, steps, dtype=mu.dtype, device=mu.device).unsqueeze(1)
+        z = (1 - weights) * mu[0] + weights * mu[1]
+        cond_steps = None if condition is None else condition.expand(steps, -1)
+        return self.mean_image(self.decode(z, cond_steps))
+
+
+def bound(objective: str, rec: Tensor, kl: Tensor, log_q: Tensor, log_p: Tensor, beta: float = 1.0) -> Tensor:
+    """The per-example lower bound of `objective` from the per-sample terms (L, B)."""
+    if objective == "analytic":
+        return rec.mean(0) - beta * kl
+    log_w = rec + beta * (log_p - log_q)
+    if objective == "monte_carlo":
+        return log_w.mean(0)
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])

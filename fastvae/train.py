@@ -1,0 +1,398 @@
+"""Training: the minibatch SGVB loop of the seed's "Summary", on the fused ops.
+
+For each minibatch of M examples: draw M x L noise values (inside the latent op),
+compute the estimator's gradient, and take an optimizer step. Around that loop:
+a tqdm progress bar with the running ELBO, validation each epoch, a metrics CSV,
+atomic checkpoints that resume bit-for-bit, and a guard that stops on the first
+non-finite loss or gradient, names the term, and leaves the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_lib
+from . import distributed
+from .evaluate import evaluate
+from .model import OBJECTIVES, VAE
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.csv"
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+PRECISIONS = ("fp32", "bf16")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became NaN or infinite; the message says which and where."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    out_dir: str = "runs/fastvae"
+    encoder: str = "mlp"
+    decoder: str | None = None
+    arch_config: dict = field(default_factory=dict)  # keyword configuration for encoder and decoder
+    latent_dim: int = 8
+    likelihood: str = "bernoulli"
+    binarize: str = "dynamic"  # "dynamic" (resampled each epoch), "threshold" or "none"
+    objective: str = "analytic"
+    num_samples: int = 1
+    beta: float = 1.0
+    warmup_epochs: float = 0.0  # linear KL warm-up from 0 to beta
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    batch_size: int = 100
+    epochs: int = 10
+    seed: int = 0
+    val_fraction: float = 0.1
+    conditional: bool = False
+    precision: str = "fp32"
+    max_minutes: float | None = None  # stop after the epoch that crosses this budget
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        checks = [
+            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.binarize in ("dynamic", "threshold", "none"),
+             f"binarize must be dynamic, threshold or none, got {self.binarize!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# ----------------------------------------------------------------------
+# Checkpoints: plain tensors and values only, so torch.load(weights_only=True) reads them.
+# ----------------------------------------------------------------------
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file and rename, so a kill never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, foreign formats
+        raise ValueError(f"{path} is not a readable fastvae checkpoint: {exc}") from exc
+    missing = {"model", "model_config", "train_config", "epoch"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ValueError(f"{path} is not a fastvae checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def load_model(path) -> tuple[VAE, dict]:
+    """Rebuild a model from a checkpoint alone; returns (model, checkpoint)."""
+    state = load_checkpoint(path)
+    model = VAE.from_config(state["model_config"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, state
+
+
+def read_metrics(path) -> list[dict]:
+    """The metrics CSV as a list of {column: float} rows."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------
+class Trainer:
+    """Runs the SGVB loop for one model on in-memory data."""
+
+    def __init__(self, config: TrainConfig, train_set, val_set=None, model: VAE | None = None):
+        config.validate()
+        self.config = config
+        self.train_set = train_set
+        self.val_set = val_set
+        self.out_dir = Path(config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)  # initial weights
+        condition_dim = train_set.num_classes if config.conditional else 0
+        if config.conditional and not condition_dim:
+            raise ValueError(f"--conditional needs a labelled data set; {train_set.name} has no labels")
+        self.model = (model or VAE(
+            train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,
+            encoder_config=config.arch_config, decoder_config=config.arch_config, condition_dim=condition_dim,
+        )).to(self.device)
+        self.world = distributed.init_from_environment(self.device)
+        # Training steps go through DDP when torchrun started several processes;
+        # validation, pictures and checkpoints use the plain module on rank 0.
+        self.step_module = self.model
+        if self.world.size > 1:
+            self.step_module = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
+        self.noise = torch.Generator().manual_seed(config.seed)  # the latent op's eps stream
+        self.epoch = 0
+        self.step = 0
+
+    # -- state ----------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS_NAME
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "noise_rng": self.noise.get_state(),
+            "model_config": self.model.config,
+            "train_config": asdict(self.config),
+        }
+
+    def resume(self) -> None:
+        state = load_checkpoint(self.checkpoint_path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise.set_state(state["noise_rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        if self.world.is_main:
+            self._truncate_metrics(self.epoch)
+        self.world.barrier()
+
+    def _truncate_metrics(self, epoch: int) -> None:
+        """Drop metric rows of epochs after the checkpoint (a killed run may have written them)."""
+        if not self.metrics_path.exists():
+            return
+        rows = [row for row in read_metrics(self.metrics_path) if row["epoch"] <= epoch]
+        self.metrics_path.unlink()
+        for row in rows:
+            self._append_metrics(row)
+
+    def _append_metrics(self, row: dict) -> None:
+        new = not self.metrics_path.exists()
+        with open(self.metrics_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    # -- the loop -------------------------------------------------------
+    def _epoch_generator(self, epoch: int, salt: int = 0) -> torch.Generator:
+        """Shuffling and binarization depend only on (seed, epoch): resuming replays them exactly."""
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 7919 + salt)
+
+    def _beta(self, epoch_progress: float) -> float:
+        if self.config.warmup_epochs <= 0:
+            return self.config.beta
+        return self.config.beta * min(1.0, epoch_progress / self.config.warmup_epochs)
+
+    def _prepare(self, x, y, generator):
+        x = x.to(self.device)
+        mode = self.config.binarize if self.config.likelihood == "bernoulli" else "none"
+        x = data_lib.binarize(x, mode, generator=generator)
+        condition = None
+        if self.config.conditional:
+            condition = data_lib.one_hot(y, self.train_set.num_classes).to(self.device)
+        return x, condition
+
+    def _check_finite(self, out, where: str) -> None:
+        finite = bool(torch.isfinite(out.loss))
+        # Every process must stop together, or the others would wait forever in DDP's all-reduce.
+        if self.world.all_sum([0.0 if finite else 1.0])[0] == 0:
+            return
+        if finite:
+            raise TrainingDiverged(f"non-finite loss in another process at {where}; {self._kept_message()}")
+        for name, value in (("reconstruction log-likelihood", out.rec), ("KL", out.kl),
+                            ("log q(z|x)", out.log_q), ("log p(z)", out.log_p)):
+            if not torch.isfinite(value).all():
+                term = name
+                break
+        else:
+            term = "loss"
+        raise TrainingDiverged(f"non-finite {term} at {where}; {self._kept_message()}")
+
+    def _check_gradients(self, where: str) -> None:
+        for name, param in self.model.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                raise TrainingDiverged(f"non-finite gradient of {name} at {where}; {self._kept_message()}")
+
+    def _kept_message(self) -> str:
+        if self.checkpoint_path.exists():
+            return f"training stopped, the last good checkpoint (epoch {self.epoch}) is kept at {self.checkpoint_path}"
+        return "training stopped before the first checkpoint was written"
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        cfg = self.config
+        generator = self._epoch_generator(epoch)
+        images, labels = self.train_set.images, self.train_set.labels
+        num_batches = max(1, math.ceil(len(images) / cfg.batch_size))
+        sums = [0.0, 0.0, 0.0, 0.0]  # elbo, rec, kl, examples (this process's shard)
+        bar = tqdm(data_lib.batches(images, labels, cfg.batch_size, shuffle=True, generator=generator),
+                   total=num_batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=0.5,
+                   disable=not self.world.is_main)
+        for i, (x, y) in enumerate(bar):
+            # Binarize the whole global batch, then take this process's contiguous rows, so
+            # every process sees exactly the data (and noise) a single process would.
+            x, condition = self._prepare(x, y, generator)
+            global_size = x.shape[0]
+            start, stop = self.world.shard(global_size)
+            x = x[start:stop]
+            condition = condition[start:stop] if condition is not None else None
+            beta = self._beta(epoch - 1 + i / num_batches)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                out = self.step_module(x, condition, num_samples=cfg.num_samples, objective=cfg.objective,
+                                       beta=beta, generator=self.noise, row_offset=start)
+            where = f"epoch {epoch}, step {self.step + 1}"
+            self._check_finite(out, where)
+            # -mean over the global batch; DDP averages gradients over processes, hence * world size.
+            loss = -out.elbo.sum() * (self.world.size / global_size)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._check_gradients(where)
+            self.optimizer.step()
+            self.step += 1
+            sums[0] += out.elbo.detach().sum().item()
+            sums[1] += out.rec.detach().mean(0).sum().item()
+            sums[2] += out.kl.detach().sum().item()
+            sums[3] += x.shape[0]
+            bar.set_postfix(elbo=f"{sums[0] / max(sums[3], 1):.2f}")
+        bar.close()
+        elbo, rec, kl, seen = self.world.all_sum(sums)
+        return {"train_elbo": elbo / max(seen, 1), "train_rec": rec / max(seen, 1), "train_kl": kl / max(seen, 1)}
+
+    def validate(self, epoch: int) -> dict:
+        if self.val_set is None or len(self.val_set) == 0:
+            return {}
+        mode = self.config.binarize if self.config.likelihood == "bernoulli" else "none"
+        generator = self._epoch_generator(epoch, salt=1)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            results = evaluate(self.model, self.val_set.images, self.val_set.labels, self.val_set.num_classes,
+                               binarize=lambda x: data_lib.binarize(x, mode, generator=generator),
+                               generator=generator)
+        return {"val_elbo": results["elbo"], "val_rec": results["rec"], "val_kl": results["kl"]}
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        if resume:
+            self.resume()
+        elif self.world.is_main and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
+        started = time.perf_counter()
+        history = []
+        for epoch in range(self.epoch + 1, self.config.epochs + 1):
+            tick = time.perf_counter()
+            row = {"epoch": epoch, **self.train_epoch(epoch)}
+            train_seconds = time.perf_counter() - tick
+            if self.world.is_main:
+                row.update(self.validate(epoch))
+            row["seconds"] = round(train_seconds, 3)
+            row["examples_per_second"] = round(len(self.train_set) / max(train_seconds, 1e-9), 1)
+            self.epoch = epoch
+            if self.world.is_main:  # one writer: checkpoint and metrics exist once
+                save_checkpoint(self.checkpoint_path, self.state())
+                self._append_metrics(row)
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            self.world.barrier()
+            history.append(row)
+            out_of_time = self.config.max_minutes and time.perf_counter() - started > 60 * self.config.max_minutes
+            if self.world.all_sum([1.0 if out_of_time else 0.0])[0] > 0:  # all processes stop together
+                if self.world.is_main:
+                    tqdm.write(f"time budget of {self.config.max_minutes} minutes reached after epoch {epoch}")
+                break
+        return history
+
+
+def split_validation(dataset, fraction: float):
+    """The last `fraction` of the training set (deterministic) becomes the validation set."""
+    count = int(len(dataset) * fraction)
+    if count == 0:
+        return dataset, None
+    cut = len(dataset) - count
+
+    def part(sl):
+        labels = dataset.labels[sl] if dataset.labels is not None else None
+        return data_lib.ImageDataset(dataset.images[sl], labels, dataset.num_classes, dataset.name)
+
+    return part(slice(0, cut)), part(slice(cut, None))
+
+
+def image_scale(shape) -> int:
+    """Nearest-neighbour upscaling so that small images (8x8 digits) are visible in PNGs."""
+    return max(1, 64 // max(shape[-1], 1))
+
+
+def write_pictures(model: VAE, dataset, out_dir: Path, num_samples: int = 64, seed: int = 0) -> dict:
+    """samples.png (one row per class for a conditional model), reconstructions.png, loss.png."""
+    from . import images
+
+    out_dir = Path(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    scale = image_scale(model.input_shape)
+    written = {}
+    if model.condition_dim:
+        per_class = 8
+        classes = torch.arange(model.condition_dim).repeat_interleave(per_class)
+        samples = model.sample(len(classes), data_lib.one_hot(classes, model.condition_dim), generator=generator)
+        written["samples"] = images.save_image_grid(samples, out_dir / "samples.png", nrow=per_class, scale=scale)
+    else:
+        samples = model.sample(num_samples, generator=generator)
+        written["samples"] = images.save_image_grid(samples, out_dir / "samples.png", scale=scale)
+    count = min(32, len(dataset))
+    x = dataset.images[:count]
+    condition = data_lib.one_hot(dataset.labels[:count], model.condition_dim) if model.condition_dim else None
+    written["reconstructions"] = images.save_reconstruction_grid(
+        x, model.reconstruct(x, condition), out_dir / "reconstructions.png", scale=scale
+    )
+    metrics = out_dir / METRICS_NAME
+    if metrics.exists():
+        written["loss"] = images.plot_metrics(metrics, out_dir / "loss.png")
+    return written
+
+
+def train(config: TrainConfig, resume: bool = False) -> tuple[Trainer, list[dict]]:
+    """Load the data, train (or resume), and write the pictures next to the checkpoint.
+
+    Resuming takes the run's configuration from its checkpoint; only `epochs` (to extend
+    a run) and `max_minutes` come from `config`.
+    """
+    if resume:
+        saved = load_checkpoint(Path(config.out_dir) / CHECKPOINT_NAME)["train_config"]
+        config = TrainConfig.from_dict({**saved, "epochs": config.epochs, "out_dir": config.out_dir,
+                                        "max_minutes": config.max_minutes})
+    config.validate()
+    full = data_lib.load_dataset(config.data, "train")
+    train_set, val_set = split_validation(full, config.val_fraction)
+    trainer = Trainer(config, train_set, val_set)
+    history = trainer.fit(resume=resume)
+    trainer.model.eval()
+    if trainer.world.is_main:
+        write_pictures(trainer.model, val_set or train_set, trainer.out_dir, seed=config.seed)
+    return trainer, history
