@@ -44,18 +44,19 @@ def extension():
     with_cuda, why = cuda_mode()
     print(f"fastvae setup.py: building {why}", flush=True)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # -fopenmp: at::parallel_for runs its loop body through OpenMP pragmas in
+    # The C++ standard is left to BuildExtension, which picks what the installed torch needs
+    # (C++20 for torch 2.14). -fopenmp: at::parallel_for runs its loop body through OpenMP pragmas in
     # the header, so they must be compiled here; the libgomp loaded is torch's.
     # -fno-math-errno/-fno-trapping-math change no result, but let GCC
     # vectorize sqrt and the branch-free selects of csrc/fastvae.h.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
     if not with_cuda:
         return CppExtension("fastvae._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"fastvae setup.py: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "fastvae._C",
         sources,

@@ -254,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except BrokenPipeError:  # `fastvae list | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+    except (ValueError, TypeError, LookupError, FileNotFoundError, RuntimeError) as exc:
         print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

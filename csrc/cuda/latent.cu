@@ -1,0 +1,264 @@
+// CUDA implementation of the fused latent op and its backward.
+//
+// Same contract as csrc/cpu/latent.cpp, with the per-element math taken from
+// csrc/fastvae.h (nothing is re-derived here). Half and bfloat16 inputs are
+// upcast to float32 first and z is cast back, exactly like the CPU path, so
+// the dtypes of the outputs (and the float32 sums) are the same on both.
+//
+// Forward: one block per row (l, b) of z. The noise of element (l, b, d) is
+// normal i%4 of Philox block noise_block(l, i/4), with i = (b + row_offset)*D + d
+// its within-sample index (csrc/fastvae.h): the same stream as the CPU loops.
+// Thread k of a block owns the Philox blocks k, k + kThreads, ... of its row's
+// index range, so each Philox call feeds four elements. The row sums (kl,
+// log_q, log_p) are one block reduction in the accumulation type (float32, or
+// float64 for double).
+//
+// Backward: one thread per (b, d), looping over the L samples, so the sums
+// over l need no atomics and the result does not depend on scheduling.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../checks.h"
+#include "../fastvae.h"
+
+namespace fastvae {
+namespace gpu {  // (not "cuda": that would shadow ::cuda inside CCCL macros)
+namespace {
+
+constexpr int kFlatThreads = 256;  // threads per block of the element-wise kernels
+
+// The three per-row sums of the forward, reduced together in one pass.
+template <typename T>
+struct LatentSums {
+  T log_q, log_p, kl;
+};
+
+struct AddLatentSums {
+  template <typename T>
+  __device__ __forceinline__ LatentSums<T> operator()(const LatentSums<T>& a, const LatentSums<T>& b) const {
+    return LatentSums<T>{a.log_q + b.log_q, a.log_p + b.log_p, a.kl + b.kl};
+  }
+};
+
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads)
+    latent_forward_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, const T* __restrict__ eps,
+                          T* __restrict__ z, T* __restrict__ kl, T* __restrict__ log_q, T* __restrict__ log_p,
+                          int64_t rows, int64_t batch, int64_t dim, uint64_t seed, uint64_t offset,
+                          int64_t row_offset) {
+  using BlockReduce = cub::BlockReduce<LatentSums<T>, kThreads>;
+  __shared__ typename BlockReduce::TempStorage temp;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // row is uniform over the block
+    const int64_t sample = row / batch, b = row % batch;
+    const T* mu_row = mu + b * dim;
+    const T* logvar_row = logvar + b * dim;
+    const T* eps_row = eps != nullptr ? eps + row * dim : nullptr;
+    T* z_row = z + row * dim;
+    // Within-sample noise indices of this row: [first, last).
+    const int64_t first = (b + row_offset) * dim, last = first + dim;
+    LatentSums<T> acc{T(0), T(0), T(0)};
+    for (int64_t block = first / 4 + threadIdx.x; 4 * block < last; block += kThreads) {
+      float normals[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (eps_row == nullptr) {
+        normal4(seed, offset, noise_block(static_cast<uint64_t>(sample), static_cast<uint64_t>(block)), normals);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t i = 4 * block + j;
+        if (i < first || i >= last) continue;  // the Philox block straddles a row boundary
+        const int64_t d = i - first;
+        const T m = mu_row[d];
+        const T lv = logvar_row[d];
+        const T e = eps_row != nullptr ? eps_row[d] : static_cast<T>(normals[j]);
+        const T std_dev = exp_of(T(0.5) * lv);
+        const LatentElement<T> el = latent_element(m, std_dev, lv, e);
+        z_row[d] = el.z;
+        acc.log_q += el.log_q;
+        acc.log_p += el.log_p;
+        acc.kl += kl_element(m, std_dev * std_dev, lv);
+      }
+    }
+    const LatentSums<T> total = BlockReduce(temp).Reduce(acc, AddLatentSums());
+    if (threadIdx.x == 0) {
+      const T normalizer = T(-0.5 * kLog2Pi) * static_cast<T>(dim);
+      log_q[row] = total.log_q + normalizer;
+      log_p[row] = total.log_p + normalizer;
+      if (row < batch) kl[b] = total.kl;  // KL does not depend on the sample: written once
+    }
+    __syncthreads();  // temp is reused by the next row
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kFlatThreads)
+    latent_backward_kernel(const T* __restrict__ grad_z, const T* __restrict__ grad_kl,
+                           const T* __restrict__ grad_log_q, const T* __restrict__ grad_log_p,
+                           const T* __restrict__ z, const T* __restrict__ mu, const T* __restrict__ logvar,
+                           T* __restrict__ grad_mu, T* __restrict__ grad_logvar, int64_t samples, int64_t batch,
+                           int64_t dim, bool stl) {
+  const int64_t n = batch * dim;
+  const bool path_log_q = stl && grad_log_q != nullptr;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / dim, d = idx % dim;
+    const T m = mu[idx];
+    const T lv = logvar[idx];
+    const T gkl = grad_kl != nullptr ? grad_kl[b] : T(0);
+    // log_q = sum(-0.5*eps^2 - 0.5*logvar) with eps fixed: -0.5 per dimension for logvar.
+    T glq_sum = T(0);
+    if (!stl && grad_log_q != nullptr) {
+      for (int64_t l = 0; l < samples; ++l) glq_sum += grad_log_q[l * batch + b];
+    }
+    T gmu = gkl * m;
+    T glv = gkl * T(0.5) * (exp_of(lv) - T(1)) - T(0.5) * glq_sum;
+    const T inv_var = path_log_q ? exp_of(-lv) : T(0);
+    for (int64_t l = 0; l < samples; ++l) {
+      const int64_t row = l * batch + b;
+      const int64_t i = row * dim + d;
+      const T zi = z[i];
+      const T glp = grad_log_p != nullptr ? grad_log_p[row] : T(0);
+      const T glq_path = path_log_q ? grad_log_q[row] : T(0);
+      const T gz = grad_z != nullptr ? grad_z[i] : T(0);
+      const T g = latent_grad_through_z(gz, glp, glq_path, zi, m, inv_var);
+      gmu += g;
+      glv += g * T(0.5) * (zi - m);
+    }
+    grad_mu[idx] = gmu;
+    grad_logvar[idx] = glv;
+  }
+}
+
+// Smallest power of two in [32, 256] threads that covers `work` units of a row.
+template <typename F>
+void with_block_threads(int64_t work, const F& f) {
+  if (work <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else if (work <= 64) {
+    f(std::integral_constant<int, 64>{});
+  } else if (work <= 128) {
+    f(std::integral_constant<int, 128>{});
+  } else {
+    f(std::integral_constant<int, 256>{});
+  }
+}
+
+// Grid size for a grid-stride loop over `units` (rows or elements / threads).
+unsigned int grid_for(int64_t units) {
+  constexpr int64_t kMaxBlocks = int64_t(1) << 30;
+  return static_cast<unsigned int>(std::min(std::max<int64_t>(units, 1), kMaxBlocks));
+}
+
+// Half and bfloat16 are computed in float32 (inputs upcast once, z cast back).
+at::ScalarType compute_dtype(const at::Tensor& t) { return sum_dtype(t.scalar_type()); }
+
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+c10::optional<at::Tensor> prepared(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->to(dtype).contiguous();
+}
+
+// The incoming gradients are not covered by checks.h's dtype/device checks;
+// a pointer to host memory must never reach a kernel.
+void check_on_device(const c10::optional<at::Tensor>& t, const at::Tensor& ref, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device() == ref.device(), "fastvae: ", name, " is on ", t->device(), " but mu is on ",
+              ref.device(), "; they must be on the same device");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu_in,
+                                                                      const at::Tensor& logvar_in,
+                                                                      const c10::optional<at::Tensor>& eps_in,
+                                                                      c10::optional<int64_t> num_samples, int64_t seed,
+                                                                      int64_t offset, int64_t row_offset,
+                                                                      bool /*stl*/) {
+  check_latent_inputs(mu_in, logvar_in, eps_in, num_samples);
+  TORCH_CHECK(row_offset >= 0, "fastvae: row_offset must be >= 0, got ", row_offset);
+  const c10::cuda::CUDAGuard device_guard(mu_in.device());
+  const at::ScalarType dtype = compute_dtype(mu_in);
+  const at::Tensor mu = mu_in.to(dtype).contiguous();
+  const at::Tensor logvar = logvar_in.to(dtype).contiguous();
+  const c10::optional<at::Tensor> eps = prepared(eps_in, dtype);
+  const int64_t B = mu.size(0), D = mu.size(1), L = num_samples.value_or(1);
+  const auto z_shape = latent_z_shape(mu, num_samples);
+  const auto row_shape = at::IntArrayRef(z_shape).slice(0, z_shape.size() - 1);
+  at::Tensor z = at::empty(z_shape, mu.options());
+  at::Tensor kl = at::empty({B}, mu.options());
+  at::Tensor log_q = at::empty(row_shape, mu.options());
+  at::Tensor log_p = at::empty(row_shape, mu.options());
+  const int64_t rows = L * B;
+  if (rows > 0) {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::latent_terms (CUDA)", [&] {
+      // A row touches about D/4 Philox blocks (at most two more where it straddles them):
+      // one per thread, the odd extra one taking a second turn of the loop.
+      with_block_threads((D + 3) / 4, [&](auto threads) {
+        constexpr int kThreads = decltype(threads)::value;
+        latent_forward_kernel<scalar_t, kThreads><<<grid_for(rows), kThreads, 0, stream>>>(
+            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), optional_ptr<scalar_t>(eps),
+            z.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(), log_q.data_ptr<scalar_t>(),
+            log_p.data_ptr<scalar_t>(), rows, B, D, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+            row_offset);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return {z.to(mu_in.scalar_type()), kl, log_q, log_p};
+}
+
+std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
+    const c10::optional<at::Tensor>& grad_z_in, const c10::optional<at::Tensor>& grad_kl_in,
+    const c10::optional<at::Tensor>& grad_log_q_in, const c10::optional<at::Tensor>& grad_log_p_in,
+    const at::Tensor& z_in, const at::Tensor& mu_in, const at::Tensor& logvar_in, bool stl) {
+  check_latent_backward_inputs(grad_z_in, grad_kl_in, grad_log_q_in, grad_log_p_in, z_in, mu_in, logvar_in);
+  check_on_device(grad_z_in, mu_in, "grad_z");
+  check_on_device(grad_kl_in, mu_in, "grad_kl");
+  check_on_device(grad_log_q_in, mu_in, "grad_log_q");
+  check_on_device(grad_log_p_in, mu_in, "grad_log_p");
+  const c10::cuda::CUDAGuard device_guard(mu_in.device());
+  const at::ScalarType dtype = compute_dtype(mu_in);
+  const at::Tensor z = z_in.to(dtype).contiguous();
+  const at::Tensor mu = mu_in.to(dtype).contiguous();
+  const at::Tensor logvar = logvar_in.to(dtype).contiguous();
+  const auto grad_z = prepared(grad_z_in, dtype);
+  const auto grad_kl = prepared(grad_kl_in, dtype);
+  const auto grad_log_q = prepared(grad_log_q_in, dtype);
+  const auto grad_log_p = prepared(grad_log_p_in, dtype);
+  const int64_t L = z.dim() == 3 ? z.size(0) : 1, B = mu.size(0), D = mu.size(1);
+  at::Tensor grad_mu = at::empty_like(mu);
+  at::Tensor grad_logvar = at::empty_like(logvar);
+  const int64_t n = B * D;
+  if (n > 0) {
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::latent_terms_backward (CUDA)", [&] {
+      latent_backward_kernel<scalar_t><<<grid_for((n + kFlatThreads - 1) / kFlatThreads), kFlatThreads, 0, stream>>>(
+          optional_ptr<scalar_t>(grad_z), optional_ptr<scalar_t>(grad_kl), optional_ptr<scalar_t>(grad_log_q),
+          optional_ptr<scalar_t>(grad_log_p), z.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
+          logvar.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>(), L, B, D,
+          stl);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {grad_mu.to(mu_in.scalar_type()), grad_logvar.to(mu_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvae, CUDA, m) {
+  m.impl("latent_terms", &latent_terms);
+  m.impl("latent_terms_backward", &latent_terms_backward);
+}
+
+}  // namespace gpu
+}  // namespace fastvae
