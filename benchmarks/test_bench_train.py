@@ -1,0 +1,75 @@
+"""End to end: one training step of the same MLP VAE (784-200-200-50, tanh, batch 100, Adam).
+
+fastvae: fastvae.model.VAE on the fused ops, stepped by fastvae.train.Trainer's own step code.
+plain:   benchmarks/plain_vae.py, the canonical PyTorch example's model and loss.
+Both see the same dynamically binarized MNIST minibatches (or random binary images when
+../shared/data/mnist is absent). Examples per second = 100 / median step time.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvae import data as data_lib
+from fastvae.train import TrainConfig, Trainer
+from plain_vae import PlainVAE, plain_loss
+
+BATCH = 100
+MNIST = Path(os.environ.get("FASTVAE_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+
+
+def minibatches(count=20):
+    torch.manual_seed(0)
+    if MNIST.is_dir():
+        images = data_lib.load_dataset(f"mnist:{MNIST}", "train").images[: BATCH * count]
+    else:
+        images = torch.rand(BATCH * count, 1, 28, 28)
+    return [data_lib.binarize(images[i * BATCH:(i + 1) * BATCH], "dynamic") for i in range(count)]
+
+
+class Cycle:
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def fastvae_step(tmp_path):
+    # The minibatches are binarized already, as for the plain model.
+    config = TrainConfig(out_dir=str(tmp_path), latent_dim=50, arch_config={"hidden": [200, 200]},
+                         batch_size=BATCH, binarize="none")
+    dataset = data_lib.ImageDataset(torch.zeros(BATCH, 1, 28, 28), None, 0, "bench")
+    trainer = Trainer(config, dataset)
+    batches = Cycle(minibatches())
+    return lambda: trainer.train_step(batches.next(), None, epoch=1, beta=1.0)
+
+
+def plain_step():
+    torch.manual_seed(0)
+    model = PlainVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = Cycle(minibatches())
+
+    def step():
+        x = batches.next()
+        recon, mu, logvar = model(x)
+        loss = plain_loss(recon, x, mu, logvar)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+@pytest.mark.parametrize("provider", ["fastvae", "plain"])
+def test_training_step(benchmark, provider, tmp_path):
+    step = fastvae_step(tmp_path) if provider == "fastvae" else plain_step()
+    for _ in range(5):
+        step()
+    benchmark.group = "train step MLP 784-200-200-50 B=100"
+    benchmark.extra_info["examples"] = BATCH
+    benchmark(step)
