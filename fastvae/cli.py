@@ -137,9 +137,19 @@ def cmd_sample(args) -> int:
     from .train import image_scale, load_model
 
     model, _ = load_model(args.checkpoint)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.per_class:
+        if not model.condition_dim:
+            raise ValueError("--per-class needs a conditional model")
+        classes = torch.arange(model.condition_dim).repeat_interleave(args.per_class)
+        samples = model.sample(len(classes), torch.nn.functional.one_hot(classes, model.condition_dim).float(),
+                               generator=generator)
+        path = images.save_image_grid(samples, args.out, nrow=args.per_class, scale=image_scale(model.input_shape))
+        print(f"wrote {args.per_class} samples of each of {model.condition_dim} classes (one row each) to {path}")
+        return 0
     condition = _condition_vector(args.condition, model)
     batch_condition = None if condition is None else condition.expand(args.num, -1)
-    samples = model.sample(args.num, batch_condition, generator=torch.Generator().manual_seed(args.seed))
+    samples = model.sample(args.num, batch_condition, generator=generator)
     path = images.save_image_grid(samples, args.out, scale=image_scale(model.input_shape))
     print(f"wrote {args.num} samples to {path}")
     return 0
@@ -172,7 +182,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--data", default="digits",
                    help="digits (embedded), mnist:DIR, fashion-mnist[:DIR], an IDX folder, .npy/.npz, or an image folder")
     p.add_argument("--out", default="runs/fastvae", help="output folder: checkpoint, metrics.csv, PNGs")
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=["adam", "sgd", "adagrad"], default="adam")
@@ -217,6 +227,8 @@ def add_model_parsers(sub) -> None:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--condition", default=None, help="class index (e.g. 7) or comma-separated attribute vector")
+    p.add_argument("--per-class", type=int, default=0, metavar="N",
+                   help="conditional models: N samples of every class, one row per class")
     p.add_argument("--out", type=Path, default=Path("samples.png"))
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)

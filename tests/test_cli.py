@@ -83,6 +83,21 @@ def test_bad_values_exit_1_with_one_line(args, message, tmp_path):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_conditional_train_and_sample(tmp_path):
+    out = tmp_path / "cvae"
+    result = run_cli("train", "--conditional", "--epochs", "2", "--out", str(out), "--hidden", "64")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("sample", str(out), "--condition", "7", "--num", "8", "--out", str(tmp_path / "sevens.png"))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("sample", str(out), "--per-class", "4", "--out", str(tmp_path / "classes.png"))
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "classes.png") as image:
+        assert image.size[1] > image.size[0]  # 10 rows of 4
+    for bad, message in ((["--condition", "12"], "class in 0..9"), (["--condition", "1,0"], "10 attribute values")):
+        result = run_cli("sample", str(out), *bad, "--out", str(tmp_path / "bad.png"))
+        assert result.returncode == 1 and message in result.stderr
+
+
 def test_sample_condition_on_unconditional_model_is_an_error(run_dir, tmp_path):
     result = run_cli("sample", str(run_dir), "--condition", "7", "--out", str(tmp_path / "c.png"))
     assert result.returncode == 1 and "not conditional" in result.stderr
