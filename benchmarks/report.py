@@ -12,27 +12,34 @@ import sys
 from collections import defaultdict
 
 
+UNPARAMETRIZED = {
+    "test_bandwidth_reference_add": "torch.add",
+    "test_latent_forward_eps_given": "fastvae (eps given)",
+}
+
+
 def load(path):
     with open(path) as f:
         data = json.load(f)
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
-        provider = bench["params"].get("provider", "torch.add")
-        groups[bench["group"]][provider] = (bench["stats"]["median"], bench["extra_info"].get("bytes", 0))
+        provider = bench["params"].get("provider") or UNPARAMETRIZED[bench["name"].split("[")[0]]
+        extra = bench["extra_info"]
+        groups[bench["group"]][provider] = (bench["stats"]["median"], extra.get("bytes", 0), extra.get("examples", 0))
     return data, groups
 
 
 def table(groups):
     lines = [
-        "| group | provider | median (us) | fastvae speed-up | GB/s |",
+        "| group | provider | median (us) | fastvae speed-up | GB/s or examples/s |",
         "|---|---|---:|---:|---:|",
     ]
     for group in sorted(groups, key=lambda g: (g.split()[0], g)):
         results = groups[group]
         fast = results.get("fastvae", (None,))[0]
-        for provider, (median, nbytes) in sorted(results.items(), key=lambda kv: kv[1][0]):
+        for provider, (median, nbytes, examples) in sorted(results.items(), key=lambda kv: kv[1][0]):
             speedup = f"{median / fast:.2f}x" if fast and provider != "fastvae" else ""
-            rate = f"{nbytes / median / 1e9:.1f}" if nbytes else ""
+            rate = f"{nbytes / median / 1e9:.1f} GB/s" if nbytes else f"{examples / median:.0f} ex/s" if examples else ""
             lines.append(f"| {group} | {provider} | {median * 1e6:.1f} | {speedup} | {rate} |")
     return "\n".join(lines)
 

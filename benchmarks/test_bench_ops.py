@@ -61,6 +61,18 @@ def test_latent(benchmark, provider, mode, size, samples):
     benchmark(run_mode(lambda m, lv: fn(m, lv, samples), (mu, logvar), mode))
 
 
+@pytest.mark.parametrize("size", [(4096, 256)], ids=lambda s: f"B={s[0]},D={s[1]}")
+def test_latent_forward_eps_given(benchmark, size):
+    """The fused forward reading caller-supplied eps instead of drawing it: the memory-bound case."""
+    import fastvae
+
+    batch, dim = size
+    mu, logvar, eps = torch.randn(batch, dim), torch.randn(batch, dim), torch.randn(batch, dim)
+    benchmark.group = f"latent forward B={batch} D={dim} L=1"
+    benchmark.extra_info["bytes"] = 4 * batch * dim * FLOAT_BYTES  # mu, logvar, eps in; z out
+    benchmark(lambda: fastvae.latent_terms(mu, logvar, eps=eps))
+
+
 LIKELIHOOD_SIZES = [(128, 784), (1024, 784)]
 
 

@@ -97,6 +97,8 @@ def _binarizer(train_config: dict, likelihood: str, seed: int):
 
 
 def cmd_eval(args) -> int:
+    from tqdm.auto import tqdm
+
     from . import data as data_lib
     from .evaluate import evaluate
     from .train import load_model
@@ -108,7 +110,8 @@ def cmd_eval(args) -> int:
     torch.manual_seed(args.seed)
     results = evaluate(model, images, labels, dataset.num_classes, batch_size=args.batch_size,
                        is_samples=args.is_samples, binarize=_binarizer(state["train_config"], model.likelihood, args.seed),
-                       generator=torch.Generator().manual_seed(args.seed))
+                       generator=torch.Generator().manual_seed(args.seed),
+                       progress=lambda batches: tqdm(batches, desc="eval", unit="batch", file=sys.stderr))
     print(json.dumps({"data": dataset.name, "split": args.split, "is_samples": args.is_samples, **results}, indent=2))
     return 0
 

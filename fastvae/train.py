@@ -9,6 +9,7 @@ non-finite loss or gradient, names the term, and leaves the last good checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -152,7 +153,10 @@ class Trainer:
         self.step_module = self.model
         if self.world.size > 1:
             self.step_module = torch.nn.parallel.DistributedDataParallel(self.model)
-        self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr)
+        # foreach: one multi-tensor kernel per update term instead of a Python loop over
+        # parameters (PyTorch only picks it by default for CUDA tensors).
+        self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr, foreach=True)
+        self.named_parameters = list(self.model.named_parameters())
         self.noise = torch.Generator().manual_seed(config.seed)  # the latent op's eps stream
         self.epoch = 0
         self.step = 0
@@ -205,6 +209,12 @@ class Trainer:
             writer.writerow(row)
 
     # -- the loop -------------------------------------------------------
+    def _precision(self):
+        """bf16 autocast for --precision bf16 (the fused ops accumulate in float32); nothing otherwise."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _epoch_generator(self, epoch: int, salt: int = 0) -> torch.Generator:
         """Shuffling and binarization depend only on (seed, epoch): resuming replays them exactly."""
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch * 7919 + salt)
@@ -228,6 +238,9 @@ class Trainer:
         # Every process must stop together, or the others would wait forever in DDP's all-reduce.
         if self.world.all_sum([0.0 if finite else 1.0])[0] == 0:
             return
+        # The previous step's gradients are still in .grad: a non-finite one there made the
+        # parameters non-finite, and is the cause to report.
+        self._check_gradients(f"epoch {self.epoch + 1}, step {self.step}")
         if finite:
             raise TrainingDiverged(f"non-finite loss in another process at {where}; {self._kept_message()}")
         for name, value in (("reconstruction log-likelihood", out.rec), ("KL", out.kl),
@@ -240,11 +253,16 @@ class Trainer:
         raise TrainingDiverged(f"non-finite {term} at {where}; {self._kept_message()}")
 
     def _check_gradients(self, where: str) -> None:
-        params = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
-        # One fused pass over all gradients; the per-parameter search runs only on failure.
-        if torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in params]))).all():
+        """Raise if a gradient of the last step is non-finite.
+
+        Not run every step: a non-finite gradient makes the parameters non-finite, so the next
+        step's loss check catches it and calls this on the gradients still in .grad; and it runs
+        before every checkpoint, so a checkpoint never holds the result of such a step.
+        """
+        grads = [(name, p.grad) for name, p in self.named_parameters if p.grad is not None]
+        if not grads or torch.isfinite(torch.stack([g.sum() for _, g in grads]).sum()):  # NaN/inf survive a sum
             return
-        name = next(name for name, g in params if not torch.isfinite(g).all())
+        name = next(name for name, g in grads if not torch.isfinite(g).all())
         raise TrainingDiverged(f"non-finite gradient of {name} at {where}; {self._kept_message()}")
 
     def _kept_message(self) -> str:
@@ -252,8 +270,8 @@ class Trainer:
             return f"training stopped, the last good checkpoint (epoch {self.epoch}) is kept at {self.checkpoint_path}"
         return "training stopped before the first checkpoint was written"
 
-    def train_step(self, x, y, *, epoch: int, beta: float, generator=None) -> torch.Tensor:
-        """One SGVB step on a global minibatch; returns this process's sums (elbo, rec, kl, examples).
+    def train_step(self, x, y, *, epoch: int, beta: float, generator=None) -> tuple[torch.Tensor, int]:
+        """One SGVB step on a global minibatch; returns this process's sums (elbo, rec, kl) and example count.
 
         Under torchrun each process binarizes the whole global batch, then takes its contiguous
         rows, so every process sees exactly the data (and noise) a single process would.
@@ -264,7 +282,7 @@ class Trainer:
         start, stop = self.world.shard(global_size)
         x = x[start:stop]
         condition = condition[start:stop] if condition is not None else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with self._precision():
             out = self.step_module(x, condition, num_samples=cfg.num_samples, objective=cfg.objective,
                                    beta=beta, generator=self.noise, row_offset=start)
         # -mean over the global batch; DDP averages gradients over processes, hence * world size.
@@ -273,12 +291,10 @@ class Trainer:
         self._check_finite(loss, out, where)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._check_gradients(where)
         self.optimizer.step()
         self.step += 1
         with torch.no_grad():
-            return torch.stack([out.elbo.sum(), out.rec.mean(0).sum(), out.kl.sum(),
-                                torch.tensor(float(x.shape[0]), device=x.device)]).double().cpu()
+            return torch.stack([out.elbo.sum(), out.rec.mean(0).sum(), out.kl.sum()]), x.shape[0]
 
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
@@ -286,17 +302,19 @@ class Trainer:
         generator = self._epoch_generator(epoch)
         images, labels = self.train_set.images, self.train_set.labels
         num_batches = max(1, math.ceil(len(images) / cfg.batch_size))
-        sums = torch.zeros(4, dtype=torch.float64)  # elbo, rec, kl, examples (this process's shard)
+        sums, seen = torch.zeros(3, dtype=torch.float64), 0  # elbo, rec, kl; examples (this process's shard)
         bar = tqdm(data_lib.batches(images, labels, cfg.batch_size, shuffle=True, generator=generator),
                    total=num_batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=0.5,
                    disable=not self.world.is_main)
         for i, (x, y) in enumerate(bar):
             beta = self._beta(epoch - 1 + i / num_batches)
-            sums += self.train_step(x, y, epoch=epoch, beta=beta, generator=generator)
+            step_sums, count = self.train_step(x, y, epoch=epoch, beta=beta, generator=generator)
+            sums += step_sums.to("cpu", torch.float64)
+            seen += count
             if i % 20 == 0 and self.world.is_main:  # the running ELBO, without a sync every step
-                bar.set_postfix(elbo=f"{sums[0].item() / max(sums[3].item(), 1):.2f}")
+                bar.set_postfix(elbo=f"{sums[0].item() / max(seen, 1):.2f}")
         bar.close()
-        elbo, rec, kl, seen = self.world.all_sum(sums.tolist())
+        elbo, rec, kl, seen = self.world.all_sum([*sums.tolist(), float(seen)])
         return {"train_elbo": elbo / max(seen, 1), "train_rec": rec / max(seen, 1), "train_kl": kl / max(seen, 1)}
 
     def validate(self, epoch: int) -> dict:
@@ -304,7 +322,7 @@ class Trainer:
             return {}
         mode = self.config.binarize if self.config.likelihood == "bernoulli" else "none"
         generator = self._epoch_generator(epoch, salt=1)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        with self._precision():
             results = evaluate(self.model, self.val_set.images, self.val_set.labels, self.val_set.num_classes,
                                binarize=lambda x: data_lib.binarize(x, mode, generator=generator),
                                generator=generator)
@@ -325,6 +343,7 @@ class Trainer:
                 row.update(self.validate(epoch))
             row["seconds"] = round(train_seconds, 3)
             row["examples_per_second"] = round(len(self.train_set) / max(train_seconds, 1e-9), 1)
+            self._check_gradients(f"epoch {epoch}, step {self.step}")  # never checkpoint a bad update
             self.epoch = epoch
             if self.world.is_main:  # one writer: checkpoint and metrics exist once
                 save_checkpoint(self.checkpoint_path, self.state())
