@@ -38,7 +38,7 @@ def table(groups):
         results = groups[group]
         fast = results.get("fastvae", (None,))[0]
         for provider, (median, nbytes, examples) in sorted(results.items(), key=lambda kv: kv[1][0]):
-            speedup = f"{median / fast:.2f}x" if fast and provider != "fastvae" else ""
+            speedup = f"{median / fast:.2f}x" if fast and not provider.startswith("fastvae") else ""
             rate = f"{nbytes / median / 1e9:.1f} GB/s" if nbytes else f"{examples / median:.0f} ex/s" if examples else ""
             lines.append(f"| {group} | {provider} | {median * 1e6:.1f} | {speedup} | {rate} |")
     return "\n".join(lines)
