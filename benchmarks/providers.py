@@ -81,3 +81,51 @@ BERNOULLI = {
     "compile": lambda logits, x: compiled(bernoulli_eager)(logits, x),
     "distributions": bernoulli_distributions,
 }
+
+
+# ---------------------------------------------------------------------------
+# What the benchmark files share: the timed callable per mode, and the traffic each op
+# cannot avoid (inputs read once, outputs written once), for GB/s.
+# ---------------------------------------------------------------------------
+FLOAT_BYTES = 4
+
+
+def run_mode(fn, inputs, mode, sync=None):
+    """The callable pytest-benchmark times: fn(*inputs), or that plus backward of every output.
+
+    Warmed up (and compiled, for torch.compile) beforehand. `sync` (e.g. torch.cuda.synchronize)
+    runs after each call so that a sample is the work itself, not a kernel launch.
+    """
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                return fn(*inputs)
+    else:
+        outputs = fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grads = tuple(torch.ones_like(o) for o in outputs)
+
+        def step():
+            out = fn(*inputs)
+            torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+
+    def timed():
+        step()
+        if sync is not None:
+            sync()
+
+    for _ in range(3):
+        timed()
+    return timed
+
+
+def latent_bytes(batch, dim, samples, mode):
+    rows = samples or 1
+    forward = (2 * batch * dim + rows * batch * dim) * FLOAT_BYTES  # mu, logvar in; z out
+    backward = (2 * rows * batch * dim + 4 * batch * dim) * FLOAT_BYTES  # z, grad_z, mu, logvar in; 2 grads out
+    return forward + (backward if mode != "forward" else 0)
+
+
+def bernoulli_bytes(logits_numel, batch, pixels, mode):
+    traffic = (logits_numel + batch * pixels) * FLOAT_BYTES  # logits, x in (the row sums are negligible)
+    return traffic if mode == "forward" else 2 * traffic + logits_numel * FLOAT_BYTES  # + grad_logits out

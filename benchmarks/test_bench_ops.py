@@ -12,38 +12,11 @@ report.py derives GB/s beside a plain torch.add on the same run.
 import pytest
 import torch
 
-from providers import BERNOULLI, LATENT
+from providers import BERNOULLI, FLOAT_BYTES, LATENT, bernoulli_bytes, latent_bytes, run_mode
 
 LATENT_SIZES = [(128, 32), (512, 64), (4096, 256)]
 SAMPLES = [None, 5]
 MODES = ["forward", "forward+backward"]
-FLOAT_BYTES = 4
-
-
-def run_mode(fn, inputs, mode, grads=None):
-    """Returns the callable that pytest-benchmark times for this mode."""
-    if mode == "forward":
-        with torch.no_grad():
-            fn(*inputs)  # warm up (and compile) outside the timing
-        return lambda: fn(*inputs)
-
-    outputs = fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grads = tuple(torch.ones_like(o) for o in outputs)
-
-    def step():
-        out = fn(*inputs)
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
-
-    step()
-    return step
-
-
-def latent_bytes(batch, dim, samples, mode):
-    rows = samples or 1
-    forward = (2 * batch * dim + rows * batch * dim) * FLOAT_BYTES  # mu, logvar in; z out
-    backward = (2 * rows * batch * dim + 4 * batch * dim) * FLOAT_BYTES  # z, grad_z, mu, logvar in; 2 grads out
-    return forward + (backward if mode != "forward" else 0)
 
 
 @pytest.mark.parametrize("samples", SAMPLES, ids=lambda s: f"L={s or 1}")
@@ -87,9 +60,7 @@ def test_bernoulli(benchmark, provider, mode, size, samples):
     logits = torch.randn(shape, requires_grad=mode != "forward")
     x = torch.bernoulli(torch.full((batch, pixels), 0.3))
     benchmark.group = f"bernoulli {mode} B={batch} P={pixels} L={samples or 1}"
-    elements = logits.numel()
-    traffic = (elements + batch * pixels) * FLOAT_BYTES
-    benchmark.extra_info["bytes"] = traffic if mode == "forward" else 2 * traffic + elements * FLOAT_BYTES
+    benchmark.extra_info["bytes"] = bernoulli_bytes(logits.numel(), batch, pixels, mode)
     benchmark(run_mode(BERNOULLI[provider], (logits, x), mode))
 
 

@@ -8,32 +8,18 @@
 
 #include <type_traits>
 
-#include "../checks.h"
+#include "../host.h"
 #include "cpu_loops.h"
 
 namespace fastvae {
 namespace cpu {
 namespace {
 
-template <typename T>
-struct LatentForward {
-  const T* mu;
-  const T* logvar;
-  const T* eps;  // nullptr: draw from (seed, offset)
-  T* z;
-  T* kl;
-  T* log_q;
-  T* log_p;
-  int64_t batch, dim;
-  uint64_t seed, offset;
-  int64_t row_offset;  // global index of this batch's first example (data-parallel shards)
-};
-
 // The noise of elements [c, c+count) of z's row `row`, as T: the caller's eps,
 // or fresh Philox normals (drawn in float32 for every dtype, so a seed gives the
 // same eps whatever the dtype).
 template <typename T>
-__attribute__((always_inline)) inline const T* noise_chunk(const LatentForward<T>& a, int64_t row, int64_t c,
+__attribute__((always_inline)) inline const T* noise_chunk(const LatentForwardArgs<T>& a, int64_t row, int64_t c,
                                                            int64_t count, float* fbuf, T* tbuf) {
   if (a.eps != nullptr) return a.eps + row * a.dim + c;
   const int64_t sample = row / a.batch, example = row % a.batch + a.row_offset;
@@ -47,7 +33,7 @@ __attribute__((always_inline)) inline const T* noise_chunk(const LatentForward<T
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void latent_forward_rows(const LatentForward<T>& a, int64_t begin,
+__attribute__((always_inline)) inline void latent_forward_rows(const LatentForwardArgs<T>& a, int64_t begin,
                                                                int64_t end) {
   float fbuf[kNoiseChunk + 8];
   T tbuf[std::is_same_v<T, float> ? 1 : kNoiseChunk];
@@ -79,24 +65,9 @@ __attribute__((always_inline)) inline void latent_forward_rows(const LatentForwa
   }
 }
 
-template <typename T>
-struct LatentBackward {
-  const T* grad_z;      // (L,B,D) or nullptr (zero)
-  const T* grad_kl;     // (B) or nullptr
-  const T* grad_log_q;  // (L,B) or nullptr
-  const T* grad_log_p;  // (L,B) or nullptr
-  const T* z;
-  const T* mu;
-  const T* logvar;
-  T* grad_mu;
-  T* grad_logvar;
-  int64_t samples, batch, dim;
-  bool stl;  // sticking the landing: log_q's gradient only through z
-};
-
 // Adds sample l's contribution to row b's gradients (DESIGN.md section 1).
 template <typename T, bool kHasGradZ, bool kPathLogQ>
-__attribute__((always_inline)) inline void latent_backward_sample(const LatentBackward<T>& a, int64_t l, int64_t b) {
+__attribute__((always_inline)) inline void latent_backward_sample(const LatentBackwardArgs<T>& a, int64_t l, int64_t b) {
   const int64_t D = a.dim, row = l * a.batch + b;
   const T glp = a.grad_log_p ? a.grad_log_p[row] : T(0);
   const T glq_path = kPathLogQ ? a.grad_log_q[row] : T(0);
@@ -116,7 +87,7 @@ __attribute__((always_inline)) inline void latent_backward_sample(const LatentBa
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void latent_backward_rows(const LatentBackward<T>& a, int64_t begin,
+__attribute__((always_inline)) inline void latent_backward_rows(const LatentBackwardArgs<T>& a, int64_t begin,
                                                                 int64_t end) {
   const int64_t D = a.dim;
   for (int64_t b = begin; b < end; ++b) {
@@ -151,90 +122,43 @@ __attribute__((always_inline)) inline void latent_backward_rows(const LatentBack
 }
 
 // float32 entry points, one clone per ISA level; float64 uses the plain template.
-FASTVAE_MULTIVERSION void latent_forward_rows_f32(const LatentForward<float>& a, int64_t begin, int64_t end) {
+FASTVAE_MULTIVERSION void latent_forward_rows_f32(const LatentForwardArgs<float>& a, int64_t begin, int64_t end) {
   latent_forward_rows<float>(a, begin, end);
 }
-FASTVAE_MULTIVERSION void latent_backward_rows_f32(const LatentBackward<float>& a, int64_t begin, int64_t end) {
+FASTVAE_MULTIVERSION void latent_backward_rows_f32(const LatentBackwardArgs<float>& a, int64_t begin, int64_t end) {
   latent_backward_rows<float>(a, begin, end);
 }
-void run_rows(const LatentForward<float>& a, int64_t begin, int64_t end) { latent_forward_rows_f32(a, begin, end); }
-void run_rows(const LatentForward<double>& a, int64_t begin, int64_t end) { latent_forward_rows<double>(a, begin, end); }
-void run_rows(const LatentBackward<float>& a, int64_t begin, int64_t end) { latent_backward_rows_f32(a, begin, end); }
-void run_rows(const LatentBackward<double>& a, int64_t begin, int64_t end) {
+void run_rows(const LatentForwardArgs<float>& a, int64_t begin, int64_t end) { latent_forward_rows_f32(a, begin, end); }
+void run_rows(const LatentForwardArgs<double>& a, int64_t begin, int64_t end) { latent_forward_rows<double>(a, begin, end); }
+void run_rows(const LatentBackwardArgs<float>& a, int64_t begin, int64_t end) { latent_backward_rows_f32(a, begin, end); }
+void run_rows(const LatentBackwardArgs<double>& a, int64_t begin, int64_t end) {
   latent_backward_rows<double>(a, begin, end);
 }
 
-// Half and bfloat16 are computed in float32 (inputs upcast once, z cast back).
-at::ScalarType compute_dtype(const at::Tensor& t) { return sum_dtype(t.scalar_type()); }
-
-template <typename T>
-const T* optional_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-c10::optional<at::Tensor> prepared(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
-  if (!t.has_value()) return c10::nullopt;
-  return t->to(dtype).contiguous();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu_in,
-                                                                      const at::Tensor& logvar_in,
-                                                                      const c10::optional<at::Tensor>& eps_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu,
+                                                                      const at::Tensor& logvar,
+                                                                      const c10::optional<at::Tensor>& eps,
                                                                       c10::optional<int64_t> num_samples, int64_t seed,
                                                                       int64_t offset, int64_t row_offset,
                                                                       bool /*stl*/) {
-  check_latent_inputs(mu_in, logvar_in, eps_in, num_samples);
-  TORCH_CHECK(row_offset >= 0, "fastvae: row_offset must be >= 0, got ", row_offset);
-  const at::ScalarType dtype = compute_dtype(mu_in);
-  const at::Tensor mu = mu_in.to(dtype).contiguous();
-  const at::Tensor logvar = logvar_in.to(dtype).contiguous();
-  const c10::optional<at::Tensor> eps = prepared(eps_in, dtype);
-  const int64_t B = mu.size(0), D = mu.size(1), L = num_samples.value_or(1);
-  const auto z_shape = latent_z_shape(mu, num_samples);
-  const auto row_shape = at::IntArrayRef(z_shape).slice(0, z_shape.size() - 1);
-  at::Tensor z = at::empty(z_shape, mu.options());
-  at::Tensor kl = at::empty({B}, mu.options());
-  at::Tensor log_q = at::empty(row_shape, mu.options());
-  at::Tensor log_p = at::empty(row_shape, mu.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::latent_terms", [&] {
-    const LatentForward<scalar_t> args{mu.data_ptr<scalar_t>(),    logvar.data_ptr<scalar_t>(),
-                                       optional_ptr<scalar_t>(eps), z.data_ptr<scalar_t>(),
-                                       kl.data_ptr<scalar_t>(),     log_q.data_ptr<scalar_t>(),
-                                       log_p.data_ptr<scalar_t>(),  B,
-                                       D,                           static_cast<uint64_t>(seed),
-                                       static_cast<uint64_t>(offset), row_offset};
-    parallel_rows(L * B, D, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
+  const LatentForwardIO io = prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset);
+  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms", [&] {
+    const auto args = io.args<scalar_t>();
+    parallel_rows(io.samples * io.batch, io.dim, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
-  return {z.to(mu_in.scalar_type()), kl, log_q, log_p};
+  return io.result();
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
-    const c10::optional<at::Tensor>& grad_z_in, const c10::optional<at::Tensor>& grad_kl_in,
-    const c10::optional<at::Tensor>& grad_log_q_in, const c10::optional<at::Tensor>& grad_log_p_in,
-    const at::Tensor& z_in, const at::Tensor& mu_in, const at::Tensor& logvar_in, bool stl) {
-  check_latent_backward_inputs(grad_z_in, grad_kl_in, grad_log_q_in, grad_log_p_in, z_in, mu_in, logvar_in);
-  const at::ScalarType dtype = compute_dtype(mu_in);
-  const at::Tensor z = z_in.to(dtype).contiguous();
-  const at::Tensor mu = mu_in.to(dtype).contiguous();
-  const at::Tensor logvar = logvar_in.to(dtype).contiguous();
-  const auto grad_z = prepared(grad_z_in, dtype);
-  const auto grad_kl = prepared(grad_kl_in, dtype);
-  const auto grad_log_q = prepared(grad_log_q_in, dtype);
-  const auto grad_log_p = prepared(grad_log_p_in, dtype);
-  const int64_t L = z.dim() == 3 ? z.size(0) : 1, B = mu.size(0), D = mu.size(1);
-  at::Tensor grad_mu = at::empty_like(mu);
-  at::Tensor grad_logvar = at::empty_like(logvar);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::latent_terms_backward", [&] {
-    const LatentBackward<scalar_t> args{optional_ptr<scalar_t>(grad_z),     optional_ptr<scalar_t>(grad_kl),
-                                        optional_ptr<scalar_t>(grad_log_q), optional_ptr<scalar_t>(grad_log_p),
-                                        z.data_ptr<scalar_t>(),             mu.data_ptr<scalar_t>(),
-                                        logvar.data_ptr<scalar_t>(),        grad_mu.data_ptr<scalar_t>(),
-                                        grad_logvar.data_ptr<scalar_t>(),   L,
-                                        B,                                  D,
-                                        stl};
-    parallel_rows(B, L * D, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
+    const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_kl,
+    const c10::optional<at::Tensor>& grad_log_q, const c10::optional<at::Tensor>& grad_log_p, const at::Tensor& z,
+    const at::Tensor& mu, const at::Tensor& logvar, bool stl) {
+  const LatentBackwardIO io = prepare_latent_backward(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar, stl);
+  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms_backward", [&] {
+    const auto args = io.args<scalar_t>();
+    parallel_rows(io.batch, io.samples * io.dim, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
-  return {grad_mu.to(mu_in.scalar_type()), grad_logvar.to(mu_in.scalar_type())};
+  return io.result();
 }
 
 }  // namespace

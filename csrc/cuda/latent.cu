@@ -26,8 +26,8 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "../checks.h"
 #include "../fastvae.h"
+#include "../host.h"
 
 namespace fastvae {
 namespace gpu {  // (not "cuda": that would shadow ::cuda inside CCCL macros)
@@ -157,100 +157,51 @@ unsigned int grid_for(int64_t units) {
 }
 
 // Half and bfloat16 are computed in float32 (inputs upcast once, z cast back).
-at::ScalarType compute_dtype(const at::Tensor& t) { return sum_dtype(t.scalar_type()); }
-
-template <typename T>
-const T* optional_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-c10::optional<at::Tensor> prepared(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
-  if (!t.has_value()) return c10::nullopt;
-  return t->to(dtype).contiguous();
-}
-
-// The incoming gradients are not covered by checks.h's dtype/device checks;
-// a pointer to host memory must never reach a kernel.
-void check_on_device(const c10::optional<at::Tensor>& t, const at::Tensor& ref, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == ref.device(), "fastvae: ", name, " is on ", t->device(), " but mu is on ",
-              ref.device(), "; they must be on the same device");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu_in,
-                                                                      const at::Tensor& logvar_in,
-                                                                      const c10::optional<at::Tensor>& eps_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu,
+                                                                      const at::Tensor& logvar,
+                                                                      const c10::optional<at::Tensor>& eps,
                                                                       c10::optional<int64_t> num_samples, int64_t seed,
                                                                       int64_t offset, int64_t row_offset,
                                                                       bool /*stl*/) {
-  check_latent_inputs(mu_in, logvar_in, eps_in, num_samples);
-  TORCH_CHECK(row_offset >= 0, "fastvae: row_offset must be >= 0, got ", row_offset);
-  const c10::cuda::CUDAGuard device_guard(mu_in.device());
-  const at::ScalarType dtype = compute_dtype(mu_in);
-  const at::Tensor mu = mu_in.to(dtype).contiguous();
-  const at::Tensor logvar = logvar_in.to(dtype).contiguous();
-  const c10::optional<at::Tensor> eps = prepared(eps_in, dtype);
-  const int64_t B = mu.size(0), D = mu.size(1), L = num_samples.value_or(1);
-  const auto z_shape = latent_z_shape(mu, num_samples);
-  const auto row_shape = at::IntArrayRef(z_shape).slice(0, z_shape.size() - 1);
-  at::Tensor z = at::empty(z_shape, mu.options());
-  at::Tensor kl = at::empty({B}, mu.options());
-  at::Tensor log_q = at::empty(row_shape, mu.options());
-  at::Tensor log_p = at::empty(row_shape, mu.options());
-  const int64_t rows = L * B;
+  const c10::cuda::CUDAGuard device_guard(mu.device());
+  const LatentForwardIO io = prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset);
+  const int64_t rows = io.samples * io.batch;
   if (rows > 0) {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::latent_terms (CUDA)", [&] {
+    AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms (CUDA)", [&] {
+      const auto a = io.args<scalar_t>();
       // A row touches about D/4 Philox blocks (at most two more where it straddles them):
       // one per thread, the odd extra one taking a second turn of the loop.
-      with_block_threads((D + 3) / 4, [&](auto threads) {
+      with_block_threads((a.dim + 3) / 4, [&](auto threads) {
         constexpr int kThreads = decltype(threads)::value;
         latent_forward_kernel<scalar_t, kThreads><<<grid_for(rows), kThreads, 0, stream>>>(
-            mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), optional_ptr<scalar_t>(eps),
-            z.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(), log_q.data_ptr<scalar_t>(),
-            log_p.data_ptr<scalar_t>(), rows, B, D, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-            row_offset);
+            a.mu, a.logvar, a.eps, a.z, a.kl, a.log_q, a.log_p, rows, a.batch, a.dim, a.seed, a.offset,
+            a.row_offset);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  return {z.to(mu_in.scalar_type()), kl, log_q, log_p};
+  return io.result();
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
-    const c10::optional<at::Tensor>& grad_z_in, const c10::optional<at::Tensor>& grad_kl_in,
-    const c10::optional<at::Tensor>& grad_log_q_in, const c10::optional<at::Tensor>& grad_log_p_in,
-    const at::Tensor& z_in, const at::Tensor& mu_in, const at::Tensor& logvar_in, bool stl) {
-  check_latent_backward_inputs(grad_z_in, grad_kl_in, grad_log_q_in, grad_log_p_in, z_in, mu_in, logvar_in);
-  check_on_device(grad_z_in, mu_in, "grad_z");
-  check_on_device(grad_kl_in, mu_in, "grad_kl");
-  check_on_device(grad_log_q_in, mu_in, "grad_log_q");
-  check_on_device(grad_log_p_in, mu_in, "grad_log_p");
-  const c10::cuda::CUDAGuard device_guard(mu_in.device());
-  const at::ScalarType dtype = compute_dtype(mu_in);
-  const at::Tensor z = z_in.to(dtype).contiguous();
-  const at::Tensor mu = mu_in.to(dtype).contiguous();
-  const at::Tensor logvar = logvar_in.to(dtype).contiguous();
-  const auto grad_z = prepared(grad_z_in, dtype);
-  const auto grad_kl = prepared(grad_kl_in, dtype);
-  const auto grad_log_q = prepared(grad_log_q_in, dtype);
-  const auto grad_log_p = prepared(grad_log_p_in, dtype);
-  const int64_t L = z.dim() == 3 ? z.size(0) : 1, B = mu.size(0), D = mu.size(1);
-  at::Tensor grad_mu = at::empty_like(mu);
-  at::Tensor grad_logvar = at::empty_like(logvar);
-  const int64_t n = B * D;
+    const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_kl,
+    const c10::optional<at::Tensor>& grad_log_q, const c10::optional<at::Tensor>& grad_log_p, const at::Tensor& z,
+    const at::Tensor& mu, const at::Tensor& logvar, bool stl) {
+  const c10::cuda::CUDAGuard device_guard(mu.device());
+  const LatentBackwardIO io = prepare_latent_backward(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar, stl);
+  const int64_t n = io.batch * io.dim;
   if (n > 0) {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::latent_terms_backward (CUDA)", [&] {
+    AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms_backward (CUDA)", [&] {
+      const auto a = io.args<scalar_t>();
       latent_backward_kernel<scalar_t><<<grid_for((n + kFlatThreads - 1) / kFlatThreads), kFlatThreads, 0, stream>>>(
-          optional_ptr<scalar_t>(grad_z), optional_ptr<scalar_t>(grad_kl), optional_ptr<scalar_t>(grad_log_q),
-          optional_ptr<scalar_t>(grad_log_p), z.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-          logvar.data_ptr<scalar_t>(), grad_mu.data_ptr<scalar_t>(), grad_logvar.data_ptr<scalar_t>(), L, B, D,
-          stl);
+          a.grad_z, a.grad_kl, a.grad_log_q, a.grad_log_p, a.z, a.mu, a.logvar, a.grad_mu, a.grad_logvar,
+          a.samples, a.batch, a.dim, a.stl);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {grad_mu.to(mu_in.scalar_type()), grad_logvar.to(mu_in.scalar_type())};
+  return io.result();
 }
 
 }  // namespace

@@ -21,8 +21,8 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "../checks.h"
 #include "../fastvae.h"
+#include "../host.h"
 
 namespace fastvae {
 namespace gpu {  // (not "cuda": that would shadow ::cuda inside CCCL macros)
@@ -31,23 +31,6 @@ namespace {
 constexpr int kFlatThreads = 256;  // threads per block of the element-wise kernels
 
 enum class Likelihood { kBernoulli, kGaussian };
-
-// Everything a likelihood kernel needs. `logvar` is the Gaussian's per-element
-// log-variance (nullptr: the single value `logvar_value`, whose exp(-s) the
-// host computes once as `fixed_inv_var`, for every element).
-template <typename T>
-struct LikelihoodArgs {
-  const T* params;  // logits or means, (rows, P)
-  const T* x;       // (B, P)
-  const T* logvar;  // (rows, P) or nullptr
-  T logvar_value;
-  T fixed_inv_var;
-  const T* grad;   // (rows) incoming gradient, backward only
-  T* out;          // forward: (rows); backward: grad_params (rows, P)
-  T* grad_logvar;  // backward, Gaussian with a logvar tensor: (rows, P)
-  T* grad_x;       // backward, when x requires grad: (B, P), else nullptr
-  int64_t rows, batch, pixels;
-};
 
 template <Likelihood kKind, typename T>
 __device__ __forceinline__ T element_log_prob(const LikelihoodArgs<T>& a, int64_t i, T param, T x) {
@@ -148,133 +131,42 @@ void launch_backward(const LikelihoodArgs<T>& a) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
-
-// (L, B, P) or (B, P) params -> number of rows L*B; the output keeps params' leading shape.
-at::Tensor row_output(const at::Tensor& params, at::ScalarType dtype) {
-  return at::empty(params.sizes().slice(0, params.dim() - 1), params.options().dtype(dtype));
+at::Tensor bernoulli_log_prob(const at::Tensor& logits, const at::Tensor& x) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const LikelihoodIO io = prepare_likelihood(logits, x, c10::nullopt, 0.0, "logits");
+  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::bernoulli_log_prob (CUDA)",
+                             [&] { launch_forward<Likelihood::kBernoulli>(io.args<scalar_t>()); });
+  return io.out;
 }
 
-// The incoming gradient is not covered by checks.h; host memory must never reach a kernel.
-void check_grad(const at::Tensor& grad, const at::Tensor& params, const at::Tensor& x) {
-  TORCH_CHECK(grad.device() == params.device(), "fastvae: grad is on ", grad.device(), " but the decoder output is on ",
-              params.device(), "; they must be on the same device");
-  TORCH_CHECK(grad.numel() * x.size(1) == params.numel(), "fastvae: grad must have shape ",
-              params.sizes().slice(0, params.dim() - 1), ", got ", grad.sizes());
+std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                                               const at::Tensor& x, bool needs_grad_x) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const LikelihoodIO io = prepare_likelihood_backward(grad, logits, x, c10::nullopt, 0.0, needs_grad_x, "logits");
+  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::bernoulli_log_prob_backward (CUDA)",
+                             [&] { launch_backward<Likelihood::kBernoulli>(io.args<scalar_t>()); });
+  auto [grad_logits, unused, grad_x] = io.grads();
+  return {grad_logits, grad_x};
 }
 
-c10::optional<at::Tensor> checked_logvar(const c10::optional<at::Tensor>& logvar, const at::Tensor& mean) {
-  if (!logvar.has_value()) return c10::nullopt;
-  check_same(*logvar, mean, "logvar", "mean");
-  TORCH_CHECK(logvar->sizes() == mean.sizes(), "fastvae: logvar must have the shape of mean ", mean.sizes(),
-              " (broadcast it first), got ", logvar->sizes());
-  return logvar;
+at::Tensor gaussian_log_prob(const at::Tensor& mean, const at::Tensor& x, const c10::optional<at::Tensor>& logvar,
+                             double logvar_value) {
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  const LikelihoodIO io = prepare_likelihood(mean, x, logvar, logvar_value, "mean");
+  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::gaussian_log_prob (CUDA)",
+                             [&] { launch_forward<Likelihood::kGaussian>(io.args<scalar_t>()); });
+  return io.out;
 }
 
-at::Tensor bernoulli_log_prob(const at::Tensor& logits_in, const at::Tensor& x_in) {
-  check_likelihood_inputs(logits_in, x_in, "logits");
-  const c10::cuda::CUDAGuard device_guard(logits_in.device());
-  const at::ScalarType dtype = sum_dtype(logits_in.scalar_type());
-  const at::Tensor logits = contiguous_as(logits_in, dtype), x = contiguous_as(x_in, dtype);
-  at::Tensor out = row_output(logits, dtype);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::bernoulli_log_prob (CUDA)", [&] {
-    LikelihoodArgs<scalar_t> a{};
-    a.params = logits.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.out = out.data_ptr<scalar_t>();
-    a.rows = out.numel();
-    a.batch = x.size(0);
-    a.pixels = x.size(1);
-    launch_forward<Likelihood::kBernoulli>(a);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> bernoulli_log_prob_backward(const at::Tensor& grad_in,
-                                                               const at::Tensor& logits_in, const at::Tensor& x_in,
-                                                               bool needs_grad_x) {
-  check_likelihood_inputs(logits_in, x_in, "logits");
-  check_grad(grad_in, logits_in, x_in);
-  const c10::cuda::CUDAGuard device_guard(logits_in.device());
-  const at::ScalarType dtype = sum_dtype(logits_in.scalar_type());
-  const at::Tensor logits = contiguous_as(logits_in, dtype), x = contiguous_as(x_in, dtype);
-  const at::Tensor grad = contiguous_as(grad_in, dtype);
-  at::Tensor grad_logits = at::empty_like(logits);
-  at::Tensor grad_x = needs_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::bernoulli_log_prob_backward (CUDA)", [&] {
-    LikelihoodArgs<scalar_t> a{};
-    a.params = logits.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.grad = grad.data_ptr<scalar_t>();
-    a.out = grad_logits.data_ptr<scalar_t>();
-    a.grad_x = needs_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-    a.rows = grad.numel();
-    a.batch = x.size(0);
-    a.pixels = x.size(1);
-    launch_backward<Likelihood::kBernoulli>(a);
-  });
-  if (needs_grad_x && grad.numel() == 0) grad_x.zero_();  // no samples: nothing flows to x
-  return {grad_logits.to(logits_in.scalar_type()), grad_x.to(x_in.scalar_type())};
-}
-
-at::Tensor gaussian_log_prob(const at::Tensor& mean_in, const at::Tensor& x_in,
-                             const c10::optional<at::Tensor>& logvar_in, double logvar_value) {
-  check_likelihood_inputs(mean_in, x_in, "mean");
-  const auto logvar_opt = checked_logvar(logvar_in, mean_in);
-  const c10::cuda::CUDAGuard device_guard(mean_in.device());
-  const at::ScalarType dtype = sum_dtype(mean_in.scalar_type());
-  const at::Tensor mean = contiguous_as(mean_in, dtype), x = contiguous_as(x_in, dtype);
-  const at::Tensor logvar = logvar_opt ? contiguous_as(*logvar_opt, dtype) : at::Tensor();
-  at::Tensor out = row_output(mean, dtype);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::gaussian_log_prob (CUDA)", [&] {
-    LikelihoodArgs<scalar_t> a{};
-    a.params = mean.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.logvar = logvar.defined() ? logvar.data_ptr<scalar_t>() : nullptr;
-    a.logvar_value = static_cast<scalar_t>(logvar_value);
-    a.fixed_inv_var = exp_of(-a.logvar_value);
-    a.out = out.data_ptr<scalar_t>();
-    a.rows = out.numel();
-    a.batch = x.size(0);
-    a.pixels = x.size(1);
-    launch_forward<Likelihood::kGaussian>(a);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(
-    const at::Tensor& grad_in, const at::Tensor& mean_in, const at::Tensor& x_in,
-    const c10::optional<at::Tensor>& logvar_in, double logvar_value, bool needs_grad_x) {
-  check_likelihood_inputs(mean_in, x_in, "mean");
-  const auto logvar_opt = checked_logvar(logvar_in, mean_in);
-  check_grad(grad_in, mean_in, x_in);
-  const c10::cuda::CUDAGuard device_guard(mean_in.device());
-  const at::ScalarType dtype = sum_dtype(mean_in.scalar_type());
-  const at::Tensor mean = contiguous_as(mean_in, dtype), x = contiguous_as(x_in, dtype);
-  const at::Tensor grad = contiguous_as(grad_in, dtype);
-  const at::Tensor logvar = logvar_opt ? contiguous_as(*logvar_opt, dtype) : at::Tensor();
-  at::Tensor grad_mean = at::empty_like(mean);
-  at::Tensor grad_logvar = logvar.defined() ? at::empty_like(logvar) : at::empty({0}, mean.options());
-  at::Tensor grad_x = needs_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastvae::gaussian_log_prob_backward (CUDA)", [&] {
-    LikelihoodArgs<scalar_t> a{};
-    a.params = mean.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.logvar = logvar.defined() ? logvar.data_ptr<scalar_t>() : nullptr;
-    a.logvar_value = static_cast<scalar_t>(logvar_value);
-    a.fixed_inv_var = exp_of(-a.logvar_value);
-    a.grad = grad.data_ptr<scalar_t>();
-    a.out = grad_mean.data_ptr<scalar_t>();
-    a.grad_logvar = logvar.defined() ? grad_logvar.data_ptr<scalar_t>() : nullptr;
-    a.grad_x = needs_grad_x ? grad_x.data_ptr<scalar_t>() : nullptr;
-    a.rows = grad.numel();
-    a.batch = x.size(0);
-    a.pixels = x.size(1);
-    launch_backward<Likelihood::kGaussian>(a);
-  });
-  if (needs_grad_x && grad.numel() == 0) grad_x.zero_();  // no samples: nothing flows to x
-  const at::ScalarType out_dtype = mean_in.scalar_type();
-  return {grad_mean.to(out_dtype), grad_logvar.to(out_dtype), grad_x.to(x_in.scalar_type())};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gaussian_log_prob_backward(const at::Tensor& grad,
+                                                                          const at::Tensor& mean, const at::Tensor& x,
+                                                                          const c10::optional<at::Tensor>& logvar,
+                                                                          double logvar_value, bool needs_grad_x) {
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  const LikelihoodIO io = prepare_likelihood_backward(grad, mean, x, logvar, logvar_value, needs_grad_x, "mean");
+  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::gaussian_log_prob_backward (CUDA)",
+                             [&] { launch_backward<Likelihood::kGaussian>(io.args<scalar_t>()); });
+  return io.grads();
 }
 
 }  // namespace

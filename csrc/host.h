@@ -1,0 +1,261 @@
+// host.h: the host side every backend shares, so that cpu/ and cuda/ only launch.
+//
+// For each op: validate the arguments (checks.h), convert inputs to the compute
+// dtype (float32 for half and bfloat16, else the input dtype) and make them
+// contiguous, allocate the outputs, and describe all of it to the kernels as a
+// plain struct of pointers and sizes. `result()` converts outputs back.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "checks.h"
+
+namespace fastvae {
+
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+inline c10::optional<at::Tensor> contiguous_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
+  if (!t.has_value()) return c10::nullopt;
+  return contiguous_as(*t, dtype);
+}
+
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* defined_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Incoming gradients are not covered by checks.h; a pointer to memory on another
+// device must never reach a kernel.
+inline void check_on_device(const c10::optional<at::Tensor>& t, const at::Tensor& ref, const char* name,
+                            const char* ref_name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device() == ref.device(), "fastvae: ", name, " is on ", t->device(), " but ", ref_name, " is on ",
+              ref.device(), "; they must be on the same device");
+}
+
+// ---------------------------------------------------------------------------
+// Latent op
+// ---------------------------------------------------------------------------
+template <typename T>
+struct LatentForwardArgs {
+  const T* mu;
+  const T* logvar;
+  const T* eps;  // nullptr: draw from (seed, offset)
+  T* z;
+  T* kl;
+  T* log_q;
+  T* log_p;
+  int64_t samples, batch, dim;
+  uint64_t seed, offset;
+  int64_t row_offset;  // global index of this batch's first example (data-parallel shards)
+};
+
+struct LatentForwardIO {
+  at::ScalarType input_dtype, dtype;
+  at::Tensor mu, logvar;
+  c10::optional<at::Tensor> eps;
+  at::Tensor z, kl, log_q, log_p;
+  int64_t samples, batch, dim;
+  uint64_t seed, offset;
+  int64_t row_offset;
+
+  template <typename T>
+  LatentForwardArgs<T> args() const {
+    return {mu.data_ptr<T>(),    logvar.data_ptr<T>(), optional_ptr<T>(eps), z.data_ptr<T>(),
+            kl.data_ptr<T>(),    log_q.data_ptr<T>(),  log_p.data_ptr<T>(),  samples,
+            batch,               dim,                  seed,                 offset,
+            row_offset};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result() const {
+    return {z.to(input_dtype), kl, log_q, log_p};
+  }
+};
+
+inline LatentForwardIO prepare_latent_forward(const at::Tensor& mu, const at::Tensor& logvar,
+                                              const c10::optional<at::Tensor>& eps,
+                                              c10::optional<int64_t> num_samples, int64_t seed, int64_t offset,
+                                              int64_t row_offset) {
+  check_latent_inputs(mu, logvar, eps, num_samples);
+  TORCH_CHECK(row_offset >= 0, "fastvae: row_offset must be >= 0, got ", row_offset);
+  LatentForwardIO io;
+  io.input_dtype = mu.scalar_type();
+  io.dtype = sum_dtype(io.input_dtype);
+  io.mu = contiguous_as(mu, io.dtype);
+  io.logvar = contiguous_as(logvar, io.dtype);
+  io.eps = contiguous_as(eps, io.dtype);
+  io.samples = num_samples.value_or(1);
+  io.batch = mu.size(0);
+  io.dim = mu.size(1);
+  const auto z_shape = latent_z_shape(mu, num_samples);
+  const auto row_shape = at::IntArrayRef(z_shape).slice(0, z_shape.size() - 1);
+  io.z = at::empty(z_shape, io.mu.options());
+  io.kl = at::empty({io.batch}, io.mu.options());
+  io.log_q = at::empty(row_shape, io.mu.options());
+  io.log_p = at::empty(row_shape, io.mu.options());
+  io.seed = static_cast<uint64_t>(seed);
+  io.offset = static_cast<uint64_t>(offset);
+  io.row_offset = row_offset;
+  return io;
+}
+
+template <typename T>
+struct LatentBackwardArgs {
+  const T* grad_z;      // (L,B,D) or nullptr (zero)
+  const T* grad_kl;     // (B) or nullptr
+  const T* grad_log_q;  // (L,B) or nullptr
+  const T* grad_log_p;  // (L,B) or nullptr
+  const T* z;
+  const T* mu;
+  const T* logvar;
+  T* grad_mu;
+  T* grad_logvar;
+  int64_t samples, batch, dim;
+  bool stl;  // sticking the landing: log_q's gradient only through z
+};
+
+struct LatentBackwardIO {
+  at::ScalarType input_dtype, dtype;
+  c10::optional<at::Tensor> grad_z, grad_kl, grad_log_q, grad_log_p;
+  at::Tensor z, mu, logvar, grad_mu, grad_logvar;
+  int64_t samples, batch, dim;
+  bool stl;
+
+  template <typename T>
+  LatentBackwardArgs<T> args() const {
+    return {optional_ptr<T>(grad_z),  optional_ptr<T>(grad_kl), optional_ptr<T>(grad_log_q),
+            optional_ptr<T>(grad_log_p), z.data_ptr<T>(),       mu.data_ptr<T>(),
+            logvar.data_ptr<T>(),     grad_mu.data_ptr<T>(),    grad_logvar.data_ptr<T>(),
+            samples,                  batch,                    dim,
+            stl};
+  }
+  std::tuple<at::Tensor, at::Tensor> result() const { return {grad_mu.to(input_dtype), grad_logvar.to(input_dtype)}; }
+};
+
+inline LatentBackwardIO prepare_latent_backward(const c10::optional<at::Tensor>& grad_z,
+                                                const c10::optional<at::Tensor>& grad_kl,
+                                                const c10::optional<at::Tensor>& grad_log_q,
+                                                const c10::optional<at::Tensor>& grad_log_p, const at::Tensor& z,
+                                                const at::Tensor& mu, const at::Tensor& logvar, bool stl) {
+  check_latent_backward_inputs(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar);
+  check_on_device(grad_z, mu, "grad_z", "mu");
+  check_on_device(grad_kl, mu, "grad_kl", "mu");
+  check_on_device(grad_log_q, mu, "grad_log_q", "mu");
+  check_on_device(grad_log_p, mu, "grad_log_p", "mu");
+  LatentBackwardIO io;
+  io.input_dtype = mu.scalar_type();
+  io.dtype = sum_dtype(io.input_dtype);
+  io.grad_z = contiguous_as(grad_z, io.dtype);
+  io.grad_kl = contiguous_as(grad_kl, io.dtype);
+  io.grad_log_q = contiguous_as(grad_log_q, io.dtype);
+  io.grad_log_p = contiguous_as(grad_log_p, io.dtype);
+  io.z = contiguous_as(z, io.dtype);
+  io.mu = contiguous_as(mu, io.dtype);
+  io.logvar = contiguous_as(logvar, io.dtype);
+  io.grad_mu = at::empty_like(io.mu);
+  io.grad_logvar = at::empty_like(io.logvar);
+  io.samples = z.dim() == 3 ? z.size(0) : 1;
+  io.batch = mu.size(0);
+  io.dim = mu.size(1);
+  io.stl = stl;
+  return io;
+}
+
+// ---------------------------------------------------------------------------
+// Reconstruction log-likelihood ops
+// ---------------------------------------------------------------------------
+// Everything a likelihood kernel needs. `logvar` is the Gaussian's per-element
+// log-variance (nullptr: the single value `logvar_value`, whose exp(-s) the host
+// computes once as `fixed_inv_var`, for every element).
+template <typename T>
+struct LikelihoodArgs {
+  const T* params;  // logits or means, (rows, P)
+  const T* x;       // (B, P)
+  const T* logvar;  // (rows, P) or nullptr
+  T logvar_value;
+  T fixed_inv_var;
+  const T* grad;   // (rows) incoming gradient, backward only
+  T* out;          // forward: (rows); backward: grad_params (rows, P)
+  T* grad_logvar;  // backward, Gaussian with a logvar tensor: (rows, P)
+  T* grad_x;       // backward, when x requires grad: (B, P), else nullptr
+  int64_t rows, batch, pixels;
+};
+
+struct LikelihoodIO {
+  at::ScalarType params_dtype, x_dtype, dtype;
+  at::Tensor params, x, logvar, grad;  // logvar, grad: undefined when absent
+  at::Tensor out, grad_logvar, grad_x;  // grad_logvar, grad_x: empty (0,) when not computed
+  double logvar_value = 0.0;
+  int64_t rows, batch, pixels;
+
+  template <typename T>
+  LikelihoodArgs<T> args() const {
+    return {params.data_ptr<T>(),
+            x.data_ptr<T>(),
+            defined_ptr<T>(logvar),
+            static_cast<T>(logvar_value),
+            static_cast<T>(std::exp(-logvar_value)),
+            defined_ptr<T>(grad),
+            out.data_ptr<T>(),
+            grad_logvar.numel() ? grad_logvar.data_ptr<T>() : nullptr,
+            grad_x.numel() ? grad_x.data_ptr<T>() : nullptr,
+            rows,
+            batch,
+            pixels};
+  }
+  // Backward results: grad_params, grad_logvar and grad_x in their inputs' dtypes.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads() const {
+    return {out.to(params_dtype), grad_logvar.to(params_dtype), grad_x.to(x_dtype)};
+  }
+};
+
+// Forward: params (L,B,P) or (B,P), x (B,P), the Gaussian's logvar shaped like params.
+inline LikelihoodIO prepare_likelihood(const at::Tensor& params, const at::Tensor& x,
+                                       const c10::optional<at::Tensor>& logvar, double logvar_value,
+                                       const char* params_name) {
+  check_likelihood_inputs(params, x, params_name);
+  if (logvar.has_value()) {
+    check_same(*logvar, params, "logvar", params_name);
+    TORCH_CHECK(logvar->sizes() == params.sizes(), "fastvae: logvar must have the shape of ", params_name, " ",
+                params.sizes(), " (broadcast it first), got ", logvar->sizes());
+  }
+  LikelihoodIO io;
+  io.params_dtype = params.scalar_type();
+  io.x_dtype = x.scalar_type();
+  io.dtype = sum_dtype(io.params_dtype);
+  io.params = contiguous_as(params, io.dtype);
+  io.x = contiguous_as(x, io.dtype);
+  if (logvar.has_value()) io.logvar = contiguous_as(*logvar, io.dtype);
+  io.logvar_value = logvar_value;
+  io.batch = x.size(0);
+  io.pixels = x.size(1);
+  io.rows = params.dim() == 3 ? params.size(0) * params.size(1) : params.size(0);
+  // (L, B, P) or (B, P) params -> one output per row, keeping params' leading shape.
+  io.out = at::empty(params.sizes().slice(0, params.dim() - 1), io.params.options());
+  return io;
+}
+
+// Backward: as the forward, plus the incoming per-row gradient; allocates the gradients.
+inline LikelihoodIO prepare_likelihood_backward(const at::Tensor& grad, const at::Tensor& params,
+                                                const at::Tensor& x, const c10::optional<at::Tensor>& logvar,
+                                                double logvar_value, bool needs_grad_x, const char* params_name) {
+  LikelihoodIO io = prepare_likelihood(params, x, logvar, logvar_value, params_name);
+  TORCH_CHECK(grad.device() == params.device(), "fastvae: grad is on ", grad.device(), " but ", params_name,
+              " is on ", params.device(), "; they must be on the same device");
+  TORCH_CHECK(grad.sizes() == io.out.sizes(), "fastvae: grad must have shape ", io.out.sizes(), ", got ",
+              grad.sizes());
+  io.grad = contiguous_as(grad, io.dtype);
+  io.out = at::empty_like(io.params);
+  io.grad_logvar = io.logvar.defined() ? at::empty_like(io.logvar) : at::empty({0}, io.params.options());
+  io.grad_x = needs_grad_x ? at::empty_like(io.x) : at::empty({0}, io.x.options());
+  return io;
+}
+
+}  // namespace fastvae
