@@ -12,3 +12,4 @@ from .ops import (  # noqa: F401
     latent_terms,
     reparameterize,
 )
+from .model import VAE  # noqa: F401,E402
