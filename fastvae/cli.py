@@ -206,7 +206,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out")
     p.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the labels")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16 autocast (CPU or GPU), fp16 autocast with gradient scaling (GPU only)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that exceeds this budget")
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -28,7 +28,7 @@ from .model import OBJECTIVES, VAE
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.csv"
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,6 +65,8 @@ class TrainConfig:
             (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.precision != "fp16" or self.device.startswith("cuda"),
+             "precision fp16 needs a CUDA device (--device cuda); on CPU use bf16"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
@@ -157,6 +159,9 @@ class Trainer:
         # parameters (PyTorch only picks it by default for CUDA tensors).
         self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr, foreach=True)
         self.named_parameters = list(self.model.named_parameters())
+        # fp16 gradients can overflow: the scaler rescales them and skips the steps whose
+        # gradients are not finite, so the gradient checks below leave those to it.
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.noise = torch.Generator().manual_seed(config.seed)  # the latent op's eps stream
         self.epoch = 0
         self.step = 0
@@ -179,6 +184,7 @@ class Trainer:
             "noise_rng": self.noise.get_state(),
             "model_config": self.model.config,
             "train_config": asdict(self.config),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else {},
         }
 
     def resume(self) -> None:
@@ -186,6 +192,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.noise.set_state(state["noise_rng"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         if self.world.is_main:
             self._truncate_metrics(self.epoch)
@@ -210,9 +218,10 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------
     def _precision(self):
-        """bf16 autocast for --precision bf16 (the fused ops accumulate in float32); nothing otherwise."""
-        if self.config.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """Autocast for --precision bf16/fp16 (the fused ops accumulate in float32); nothing for fp32."""
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        if self.config.precision in dtypes:
+            return torch.autocast(self.device.type, dtype=dtypes[self.config.precision])
         return contextlib.nullcontext()
 
     def _epoch_generator(self, epoch: int, salt: int = 0) -> torch.Generator:
@@ -259,6 +268,8 @@ class Trainer:
         step's loss check catches it and calls this on the gradients still in .grad; and it runs
         before every checkpoint, so a checkpoint never holds the result of such a step.
         """
+        if self.scaler is not None:
+            return
         grads = [(name, p.grad) for name, p in self.named_parameters if p.grad is not None]
         if not grads or torch.isfinite(torch.stack([g.sum() for _, g in grads]).sum()):  # NaN/inf survive a sum
             return
@@ -290,8 +301,13 @@ class Trainer:
         where = f"epoch {epoch}, step {self.step + 1}"
         self._check_finite(loss, out, where)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.step += 1
         with torch.no_grad():
             return torch.stack([out.elbo.sum(), out.rec.mean(0).sum(), out.kl.sum()]), x.shape[0]

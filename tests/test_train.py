@@ -121,7 +121,8 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     "override,match",
     [({"objective": "elbo"}, "objective"), ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"),
      ({"optimizer": "lbfgs"}, "optimizer"), ({"val_fraction": 1.5}, "val_fraction"),
-     ({"binarize": "maybe"}, "binarize"), ({"precision": "fp8"}, "precision")],
+     ({"binarize": "maybe"}, "binarize"), ({"precision": "fp8"}, "precision"),
+     ({"precision": "fp16"}, "fp16 needs a CUDA device")],
 )
 def test_bad_configuration(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
