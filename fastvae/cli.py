@@ -117,6 +117,8 @@ def cmd_eval(args) -> int:
 
 
 def _condition_vector(text: str | None, model):
+    from . import data as data_lib
+
     if text is None:
         if model.condition_dim:
             raise ValueError(f"this model is conditional: pass --condition (a class in 0..{model.condition_dim - 1} "
@@ -129,7 +131,7 @@ def _condition_vector(text: str | None, model):
         label = int(values[0])
         if not 0 <= label < model.condition_dim:
             raise ValueError(f"--condition must be a class in 0..{model.condition_dim - 1}, got {text}")
-        return torch.nn.functional.one_hot(torch.tensor(label), model.condition_dim).float()
+        return data_lib.one_hot(torch.tensor(label), model.condition_dim)
     if len(values) != model.condition_dim:
         raise ValueError(f"--condition needs 1 class or {model.condition_dim} attribute values, got {len(values)}")
     return torch.tensor(values)
@@ -144,9 +146,7 @@ def cmd_sample(args) -> int:
     if args.per_class:
         if not model.condition_dim:
             raise ValueError("--per-class needs a conditional model")
-        classes = torch.arange(model.condition_dim).repeat_interleave(args.per_class)
-        samples = model.sample(len(classes), torch.nn.functional.one_hot(classes, model.condition_dim).float(),
-                               generator=generator)
+        samples = model.sample_per_class(args.per_class, generator=generator)
         path = images.save_image_grid(samples, args.out, nrow=args.per_class, scale=image_scale(model.input_shape))
         print(f"wrote {args.per_class} samples of each of {model.condition_dim} classes (one row each) to {path}")
         return 0

@@ -14,13 +14,14 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .data import one_hot
 from .model import VAE, bound
 
 
 def _conditions(labels, num_classes, index, device):
     if labels is None or not num_classes:
         return None
-    return torch.nn.functional.one_hot(labels[index], num_classes).float().to(device)
+    return one_hot(labels[index], num_classes).to(device)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, registry
+from .data import one_hot
 
 OBJECTIVES = ("analytic", "monte_carlo", "iwae")
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
@@ -195,6 +196,15 @@ class VAE(nn.Module):
         param = next(self.parameters())
         z = torch.randn(num, self.latent_dim, generator=generator, dtype=param.dtype, device=device or param.device)
         return self.mean_image(self.decode(z, condition))
+
+    @torch.no_grad()
+    def sample_per_class(self, per_class: int, generator: torch.Generator | None = None) -> Tensor:
+        """Conditional models: `per_class` prior samples of every class, class by class
+        ((condition_dim * per_class, *input_shape); a grid with `per_class` columns has one row per class)."""
+        if not self.condition_dim:
+            raise ValueError("sampling per class needs a conditional model (condition_dim > 0)")
+        classes = torch.arange(self.condition_dim).repeat_interleave(per_class)
+        return self.sample(len(classes), one_hot(classes, self.condition_dim), generator=generator)
 
     @torch.no_grad()
     def interpolate(self, x1: Tensor, x2: Tensor, steps: int = 8, condition: Tensor | None = None) -> Tensor:

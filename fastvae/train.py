@@ -404,8 +404,7 @@ def write_pictures(model: VAE, dataset, out_dir: Path, num_samples: int = 64, se
     written = {}
     if model.condition_dim:
         per_class = 8
-        classes = torch.arange(model.condition_dim).repeat_interleave(per_class)
-        samples = model.sample(len(classes), data_lib.one_hot(classes, model.condition_dim), generator=generator)
+        samples = model.sample_per_class(per_class, generator=generator)
         written["samples"] = images.save_image_grid(samples, out_dir / "samples.png", nrow=per_class, scale=scale)
     else:
         samples = model.sample(num_samples, generator=generator)

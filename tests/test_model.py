@@ -112,6 +112,12 @@ def test_conditional_model_requires_its_condition():
         model(x)
     with pytest.raises(ValueError, match="conditional"):
         model.sample(4)
+    assert model.sample_per_class(3).shape == (30, 1, 8, 8)
+
+
+def test_sample_per_class_needs_a_conditional_model(model):
+    with pytest.raises(ValueError, match="needs a conditional model"):
+        model.sample_per_class(2)
 
 
 def test_bad_arguments(model, x):
