@@ -88,10 +88,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _binarizer(train_config: dict, likelihood: str, seed: int):
+def _binarizer(train_config: dict, seed: int):
+    """Binarize evaluation data as the run's training data was."""
     from . import data as data_lib
+    from .train import TrainConfig
 
-    mode = train_config.get("binarize", "none") if likelihood == "bernoulli" else "none"
+    mode = TrainConfig.from_dict(train_config).binarize_mode
     generator = torch.Generator().manual_seed(seed)
     return lambda x: data_lib.binarize(x, mode, generator=generator)
 
@@ -109,7 +111,7 @@ def cmd_eval(args) -> int:
     labels = dataset.labels[: len(images)] if dataset.labels is not None else None
     torch.manual_seed(args.seed)
     results = evaluate(model, images, labels, dataset.num_classes, batch_size=args.batch_size,
-                       is_samples=args.is_samples, binarize=_binarizer(state["train_config"], model.likelihood, args.seed),
+                       is_samples=args.is_samples, binarize=_binarizer(state["train_config"], args.seed),
                        generator=torch.Generator().manual_seed(args.seed),
                        progress=lambda batches: tqdm(batches, desc="eval", unit="batch", file=sys.stderr))
     print(json.dumps({"data": dataset.name, "split": args.split, "is_samples": args.is_samples, **results}, indent=2))

@@ -81,6 +81,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
 
+    @property
+    def binarize_mode(self) -> str:
+        """The binarization the data actually gets: only a Bernoulli likelihood needs binary data."""
+        return self.binarize if self.likelihood == "bernoulli" else "none"
+
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
@@ -235,8 +240,7 @@ class Trainer:
 
     def _prepare(self, x, y, generator):
         x = x.to(self.device)
-        mode = self.config.binarize if self.config.likelihood == "bernoulli" else "none"
-        x = data_lib.binarize(x, mode, generator=generator)
+        x = data_lib.binarize(x, self.config.binarize_mode, generator=generator)
         condition = None
         if self.config.conditional:
             condition = data_lib.one_hot(y, self.train_set.num_classes).to(self.device)
@@ -336,7 +340,7 @@ class Trainer:
     def validate(self, epoch: int) -> dict:
         if self.val_set is None or len(self.val_set) == 0:
             return {}
-        mode = self.config.binarize if self.config.likelihood == "bernoulli" else "none"
+        mode = self.config.binarize_mode
         generator = self._epoch_generator(epoch, salt=1)
         with self._precision():
             results = evaluate(self.model, self.val_set.images, self.val_set.labels, self.val_set.num_classes,
