@@ -3,6 +3,7 @@
 - fastvae:       the fused C++ op (fastvae.latent_terms / *_log_likelihood)
 - eager:         the same math in eager PyTorch, written as the canonical PyTorch VAE
                  example writes it (std = exp(0.5*logvar), eps = randn_like(std), ...)
+  (these two are fastvae.bench's, so `fastvae bench` times exactly what this suite times)
 - compile:       that eager function under torch.compile (inductor)
 - distributions: torch.distributions (Normal.rsample + kl_divergence + log_prob), what
                  most VAE libraries do
@@ -13,29 +14,14 @@ log-likelihood. Shapes follow fastvae's contract, so results are interchangeable
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-import fastvae
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def latent_fastvae(mu, logvar, num_samples=None):
-    return tuple(fastvae.latent_terms(mu, logvar, num_samples))
-
-
-def latent_eager(mu, logvar, num_samples=None):
-    std = torch.exp(0.5 * logvar)
-    eps = torch.randn_like(std) if num_samples is None else std.new_empty((num_samples, *std.shape)).normal_()
-    z = mu + eps * std
-    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
-    dim = mu.shape[-1]
-    log_q = torch.sum(-0.5 * eps.pow(2) - 0.5 * logvar, dim=-1) - 0.5 * LOG_2PI * dim
-    log_p = torch.sum(-0.5 * z.pow(2), dim=-1) - 0.5 * LOG_2PI * dim
-    return z, kl, log_q, log_p
+from fastvae.bench import eager_bernoulli as bernoulli_eager
+from fastvae.bench import eager_latent as latent_eager
+from fastvae.bench import fused_bernoulli as bernoulli_fastvae
+from fastvae.bench import fused_latent as latent_fastvae
+from fastvae.bench import run_mode  # noqa: F401  (the benchmark files take it from here)
 
 
 def latent_distributions(mu, logvar, num_samples=None):
@@ -43,15 +29,6 @@ def latent_distributions(mu, logvar, num_samples=None):
     prior = Normal(torch.zeros_like(mu), torch.ones_like(mu))
     z = q.rsample() if num_samples is None else q.rsample((num_samples,))
     return z, kl_divergence(q, prior).sum(-1), q.log_prob(z).sum(-1), prior.log_prob(z).sum(-1)
-
-
-def bernoulli_fastvae(logits, x):
-    return fastvae.bernoulli_log_likelihood(logits, x, check_range=False)
-
-
-def bernoulli_eager(logits, x):
-    # The canonical example's F.binary_cross_entropy(..., reduction="sum"), per row and from logits.
-    return -torch.nn.functional.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
 
 
 def bernoulli_distributions(logits, x):
@@ -84,39 +61,10 @@ BERNOULLI = {
 
 
 # ---------------------------------------------------------------------------
-# What the benchmark files share: the timed callable per mode, and the traffic each op
+# What the benchmark files share besides fastvae.bench.run_mode: the traffic each op
 # cannot avoid (inputs read once, outputs written once), for GB/s.
 # ---------------------------------------------------------------------------
 FLOAT_BYTES = 4
-
-
-def run_mode(fn, inputs, mode, sync=None):
-    """The callable pytest-benchmark times: fn(*inputs), or that plus backward of every output.
-
-    Warmed up (and compiled, for torch.compile) beforehand. `sync` (e.g. torch.cuda.synchronize)
-    runs after each call so that a sample is the work itself, not a kernel launch.
-    """
-    if mode == "forward":
-        def step():
-            with torch.no_grad():
-                return fn(*inputs)
-    else:
-        outputs = fn(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        grads = tuple(torch.ones_like(o) for o in outputs)
-
-        def step():
-            out = fn(*inputs)
-            torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
-
-    def timed():
-        step()
-        if sync is not None:
-            sync()
-
-    for _ in range(3):
-        timed()
-    return timed
 
 
 def latent_bytes(batch, dim, samples, mode):

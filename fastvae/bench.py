@@ -19,10 +19,10 @@ from . import ops
 LOG_2PI = math.log(2 * math.pi)
 
 
-def eager_latent(mu, logvar):
+def eager_latent(mu, logvar, num_samples=None):
     """The canonical PyTorch VAE example's reparameterization and KL, plus log q and log p."""
     std = torch.exp(0.5 * logvar)
-    eps = torch.randn_like(std)
+    eps = torch.randn_like(std) if num_samples is None else std.new_empty((num_samples, *std.shape)).normal_()
     z = mu + eps * std
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
     log_q = torch.sum(-0.5 * eps.pow(2) - 0.5 * logvar, dim=-1) - 0.5 * LOG_2PI * mu.shape[-1]
@@ -30,28 +30,47 @@ def eager_latent(mu, logvar):
     return z, kl, log_q, log_p
 
 
-def fused_latent(mu, logvar):
-    return tuple(ops.latent_terms(mu, logvar))
+def fused_latent(mu, logvar, num_samples=None):
+    return tuple(ops.latent_terms(mu, logvar, num_samples))
 
 
 def eager_bernoulli(logits, x):
-    return -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    """The example's binary cross-entropy, per row and from logits; x broadcast over samples."""
+    target = x.expand_as(logits)
+    return -torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
 
 
 def fused_bernoulli(logits, x):
     return ops.bernoulli_log_likelihood(logits, x, check_range=False)
 
 
-def _forward_backward(fn, inputs):
-    outputs = fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grads = tuple(torch.ones_like(o) for o in outputs)
+def run_mode(fn, inputs, mode, sync=None):
+    """The callable to time (here and in benchmarks/): fn(*inputs), or that plus backward of every output.
 
-    def step():
-        out = fn(*inputs)
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+    Warmed up (and compiled, for torch.compile) beforehand. `sync` (e.g. torch.cuda.synchronize)
+    runs after each call so that a sample is the work itself, not a kernel launch.
+    """
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                return fn(*inputs)
+    else:
+        outputs = fn(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grads = tuple(torch.ones_like(o) for o in outputs)
 
-    return step
+        def step():
+            out = fn(*inputs)
+            torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+
+    def timed():
+        step()
+        if sync is not None:
+            sync()
+
+    for _ in range(3):
+        timed()
+    return timed
 
 
 def _median_seconds(step, budget: float) -> float:
@@ -73,7 +92,8 @@ def _median_seconds(step, budget: float) -> float:
 
 def compare(name: str, fused, eager, inputs, budget: float) -> tuple[str, float, float]:
     """Times both providers in alternating slices and returns (name, fused s, eager s)."""
-    fused_step, eager_step = _forward_backward(fused, inputs), _forward_backward(eager, inputs)
+    fused_step = run_mode(fused, inputs, "forward+backward")
+    eager_step = run_mode(eager, inputs, "forward+backward")
     fused_times, eager_times = [], []
     for _ in range(3):
         fused_times.append(_median_seconds(fused_step, budget / 6))
