@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastvae.registry import Encoder
+
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
@@ -62,6 +64,21 @@ def with_condition_channels(x: Tensor, condition: Tensor | None) -> Tensor:
         return x
     planes = condition.to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
     return torch.cat([x, planes], dim=1)
+
+
+class ImageEncoder(Encoder):
+    """The part `conv` and `resnet` encoders share: their convolutional `features` run on the image
+    with the condition as extra channels, then one linear head maps to (mu, logvar)."""
+
+    def set_layers(self, features: nn.Module, out_channels: int, out_size: int) -> None:
+        self.features = features
+        self.head = nn.Linear(out_channels * out_size**2, 2 * self.latent_dim)
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_input(x, condition)
+        h = self.features(with_condition_channels(x, condition))
+        mu, logvar = self.head(h.flatten(1)).chunk(2, dim=1)
+        return mu, logvar
 
 
 def with_condition(h: Tensor, condition: Tensor | None) -> Tensor:

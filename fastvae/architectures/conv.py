@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastvae.registry import Decoder, Encoder, register_decoder, register_encoder
+from fastvae.registry import Decoder, register_decoder, register_encoder
 
-from ._common import check_square_image, check_widths, make_activation, with_condition, with_condition_channels
+from ._common import ImageEncoder, check_square_image, check_widths, make_activation, with_condition
 
 
 @register_encoder("conv")
-class ConvEncoder(Encoder):
+class ConvEncoder(ImageEncoder):
     """Strided-conv encoder for square 1- or 3-channel images; the condition enters as extra channels."""
 
     def __init__(self, input_shape, latent_dim, condition_dim=0, channels=(32, 64), activation="relu"):
@@ -28,14 +28,7 @@ class ConvEncoder(Encoder):
         for out_channels in channels:
             layers += [nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), make_activation(activation)]
             in_channels = out_channels
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels[-1] * sizes[-1] ** 2, 2 * latent_dim)
-
-    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self.check_input(x, condition)
-        h = self.features(with_condition_channels(x, condition))
-        mu, logvar = self.head(h.flatten(1)).chunk(2, dim=1)
-        return mu, logvar
+        self.set_layers(nn.Sequential(*layers), channels[-1], sizes[-1])
 
 
 @register_decoder("conv")
