@@ -219,8 +219,16 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
         offset = gen.get_offset()
         gen.set_offset(offset + 4)
         return gen.initial_seed() & _INT64_MAX, offset
+    if _draw_cpu_seed is not None and not torch.compiler.is_compiling():
+        return _draw_cpu_seed(generator), 0
     return int(_seed_scratch().random_(generator=generator)), 0
 
+
+# The extension's C++ twin of the line above: the same value from the same generator state,
+# without a tensor round trip (which cost as much as the whole fused op at B=128, D=32).
+_draw_cpu_seed = None
+if _BACKEND == "cpp":
+    from ._C import draw_cpu_seed as _draw_cpu_seed
 
 _thread_state = threading.local()
 

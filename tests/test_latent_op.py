@@ -212,6 +212,25 @@ def test_manual_seed_makes_draws_reproducible():
     assert torch.equal(third, fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(7)))
 
 
+@requires_cpp
+def test_cpu_seed_helper_draws_what_random_would():
+    # fastvae._C.draw_cpu_seed is the fast path of the wrapper's seed draw; a seed must not depend
+    # on which path drew it, or on whether the extension is built.
+    from fastvae import _C
+
+    torch.manual_seed(3)
+    want = [int(torch.empty((), dtype=torch.int64).random_()) for _ in range(3)]
+    torch.manual_seed(3)
+    assert [_C.draw_cpu_seed() for _ in range(3)] == want
+    gen = torch.Generator().manual_seed(5)
+    want = int(torch.empty((), dtype=torch.int64).random_(generator=gen))
+    assert _C.draw_cpu_seed(torch.Generator().manual_seed(5)) == want
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        _C.draw_cpu_seed(5)
+    with pytest.raises(TypeError, match="at most one argument"):
+        _C.draw_cpu_seed(None, None)
+
+
 def test_noise_is_standard_normal():
     n = 1_000_000
     eps = fastvae.reparameterize(torch.zeros(1000, 1000), torch.zeros(1000, 1000), seed=12345).double().flatten()
