@@ -15,7 +15,13 @@
 
 namespace fastvae {
 
-inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+// t in `dtype`. Tensor::to returns t itself when the dtype already matches, but
+// only after a trip through the dispatcher: small latent layers feel that.
+inline at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) { return as_dtype(t, dtype).contiguous(); }
 
 inline c10::optional<at::Tensor> contiguous_as(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
   if (!t.has_value()) return c10::nullopt;
@@ -75,7 +81,7 @@ struct LatentForwardIO {
             row_offset};
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result() const {
-    return {z.to(input_dtype), kl, log_q, log_p};
+    return {as_dtype(z, input_dtype), kl, log_q, log_p};
   }
 };
 
@@ -136,7 +142,7 @@ struct LatentBackwardIO {
             samples,                  batch,                    dim,
             stl};
   }
-  std::tuple<at::Tensor, at::Tensor> result() const { return {grad_mu.to(input_dtype), grad_logvar.to(input_dtype)}; }
+  std::tuple<at::Tensor, at::Tensor> result() const { return {as_dtype(grad_mu, input_dtype), as_dtype(grad_logvar, input_dtype)}; }
 };
 
 inline LatentBackwardIO prepare_latent_backward(const c10::optional<at::Tensor>& grad_z,
@@ -212,7 +218,7 @@ struct LikelihoodIO {
   }
   // Backward results: grad_params, grad_logvar and grad_x in their inputs' dtypes.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> grads() const {
-    return {out.to(params_dtype), grad_logvar.to(params_dtype), grad_x.to(x_dtype)};
+    return {as_dtype(out, params_dtype), as_dtype(grad_logvar, params_dtype), as_dtype(grad_x, x_dtype)};
   }
 };
 

@@ -83,7 +83,10 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, val_fraction=args.val_fraction,
         conditional=args.conditional, precision=args.precision, max_minutes=args.max_minutes, device=args.device,
     )
-    trainer, history = train(config, resume=args.resume)
+    try:
+        trainer, history = train(config, resume=args.resume)
+    finally:
+        distributed.shutdown()
     print(f"trained to epoch {trainer.epoch}; checkpoint, metrics.csv and PNGs in {trainer.out_dir}")
     return 0
 

@@ -55,6 +55,17 @@ def init_from_environment(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one.
+
+    Without it gloo's threads are still running when the interpreter exits, and a rank can
+    die in that race with "terminate called without an active exception" (SIGABRT) after
+    its work is done, which fails the whole torchrun.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `fastvae <argv>` under torchrun with `nproc` processes on this machine."""
     if nproc < 1:

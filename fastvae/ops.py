@@ -206,6 +206,15 @@ else:
 # ---------------------------------------------------------------------------
 # Randomness: (seed, offset) drawn from torch's generators (DESIGN.md section 2).
 # ---------------------------------------------------------------------------
+# A CPU seed is what `torch.empty((), dtype=torch.int64).random_(generator=generator)` gives;
+# the extension's draw_cpu_seed returns the same value from the same generator state without
+# that tensor round trip (which cost as much as the whole fused op at B=128, D=32). Dynamo
+# cannot trace it, so compiled code keeps the tensor path.
+_draw_cpu_seed = None
+if _BACKEND == "cpp":
+    from ._C import draw_cpu_seed as _draw_cpu_seed
+
+
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> tuple[int, int]:
     """A fresh (seed, offset) for the in-kernel Philox stream.
 
@@ -224,11 +233,14 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
     return int(_seed_scratch().random_(generator=generator)), 0
 
 
-# The extension's C++ twin of the line above: the same value from the same generator state,
-# without a tensor round trip (which cost as much as the whole fused op at B=128, D=32).
-_draw_cpu_seed = None
-if _BACKEND == "cpp":
-    from ._C import draw_cpu_seed as _draw_cpu_seed
+def _draw_seed_for(mu, generator: torch.Generator | None) -> tuple[int, int]:
+    """draw_seed(mu.device, generator), with the common case (a CPU tensor, eager mode) first:
+    every latent_terms call comes here, and at B=128, D=32 each Python step shows."""
+    if _draw_cpu_seed is not None and isinstance(mu, Tensor) and not mu.is_cuda and not torch.compiler.is_compiling():
+        return _draw_cpu_seed(generator), 0
+    _check_tensor(mu, "mu")
+    return draw_seed(mu.device, generator)
+
 
 _thread_state = threading.local()
 
@@ -276,8 +288,7 @@ def latent_terms(
     if num_samples is not None:
         _check_int(num_samples, "num_samples", low=1)
     if eps is None and seed is None:
-        _check_tensor(mu, "mu")
-        seed, offset = draw_seed(mu.device, generator)
+        seed, offset = _draw_seed_for(mu, generator)
     elif seed is None:
         seed = 0  # eps given: (seed, offset) are not used
     else:

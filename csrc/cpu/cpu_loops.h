@@ -24,12 +24,18 @@ namespace cpu {
 // stays on the stack and in L1.
 constexpr int64_t kNoiseChunk = 512;
 
-// Splits `rows` rows of `row_len` elements over threads, giving each thread
-// at least ~32k elements: below that, waking threads costs more than it saves.
+// Threads are only woken for tasks big enough to pay for it (a few us of work):
+// plain elementwise math costs well under 1 ns per element, so tasks get at
+// least 32k elements; drawing Philox normals costs ~1 ns per element, so 2k
+// already pay (a (128, 32) latent layer is then split over two threads).
+constexpr int64_t kElementsPerTask = 32768;
+constexpr int64_t kNoiseElementsPerTask = 2048;
+
+// Splits `rows` rows of `row_len` elements over threads, each task holding at
+// least `min_elements_per_task` elements.
 template <typename F>
-inline void parallel_rows(int64_t rows, int64_t row_len, const F& f) {
-  constexpr int64_t kMinElementsPerTask = 32768;
-  int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(row_len, 1));
+inline void parallel_rows(int64_t rows, int64_t row_len, int64_t min_elements_per_task, const F& f) {
+  int64_t grain = std::max<int64_t>(1, min_elements_per_task / std::max<int64_t>(row_len, 1));
   at::parallel_for(0, rows, grain, f);
 }
 

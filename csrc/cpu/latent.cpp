@@ -144,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at
   const LatentForwardIO io = prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset);
   AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms", [&] {
     const auto args = io.args<scalar_t>();
-    parallel_rows(io.samples * io.batch, io.dim, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
+    const int64_t per_task = io.eps.has_value() ? kElementsPerTask : kNoiseElementsPerTask;
+    parallel_rows(io.samples * io.batch, io.dim, per_task, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
   return io.result();
 }
@@ -156,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
   const LatentBackwardIO io = prepare_latent_backward(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar, stl);
   AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms_backward", [&] {
     const auto args = io.args<scalar_t>();
-    parallel_rows(io.batch, io.samples * io.dim, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
+    parallel_rows(io.batch, io.samples * io.dim, kElementsPerTask, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
   return io.result();
 }

@@ -124,7 +124,7 @@ void run(const LikelihoodArgs<T>& a) {
   const int64_t units = backward ? a.batch : a.rows;
   if (units == 0) return;
   const int64_t unit_len = backward ? (a.rows / std::max<int64_t>(a.batch, 1)) * a.pixels : a.pixels;
-  parallel_rows(units, unit_len, [&](int64_t begin, int64_t end) {
+  parallel_rows(units, unit_len, kElementsPerTask, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, float>) {
       run_f32<kKind>(a, begin, end);
     } else {
