@@ -229,26 +229,36 @@ C10_HOST_DEVICE inline double log1p_exp_neg_abs(double a) { return log1p(exp(-fa
 // ---------------------------------------------------------------------------
 // Latent terms, per element (sums over d are done by the callers).
 // ---------------------------------------------------------------------------
+// The forward sums four things over a row, and derives kl, log_q and log_p from
+// them once per row (latent_row_results): term-by-term sums of the three results
+// cost ~5 more operations per element, a quarter of the float32 CPU loop.
+//   kl    = 0.5 * sum(mu^2 + var - 1 - logvar)
+//   log_q = -0.5 * (sum(eps^2) + sum(logvar)) - 0.5*D*log(2 pi)
+//   log_p = -0.5 * sum(z^2)                   - 0.5*D*log(2 pi)
+// Returns z = mu + std*eps and adds the element's terms to the running sums.
 template <typename T>
-struct LatentElement {
-  T z;       // mu + std*eps
-  T log_q;   // -0.5*eps^2 - 0.5*logvar          (the -0.5*log2pi is added once per row)
-  T log_p;   // -0.5*z^2                         (likewise)
+C10_HOST_DEVICE inline T latent_element(T mu, T logvar, T eps, T& kl2_sum, T& eps_sq_sum, T& z_sq_sum,
+                                        T& logvar_sum) {
+  const T std_dev = exp_of(T(0.5) * logvar);
+  const T z = mu + std_dev * eps;
+  // var - 1 - logvar first: near the prior it cancels to a small number that keeps its digits.
+  kl2_sum += mu * mu + ((std_dev * std_dev - T(1)) - logvar);
+  eps_sq_sum += eps * eps;
+  z_sq_sum += z * z;
+  logvar_sum += logvar;
+  return z;
+}
+
+template <typename T>
+struct LatentRowResults {
+  T kl, log_q, log_p;
 };
 
 template <typename T>
-C10_HOST_DEVICE inline LatentElement<T> latent_element(T mu, T std, T logvar, T eps) {
-  LatentElement<T> out;
-  out.z = mu + std * eps;
-  out.log_q = T(-0.5) * (eps * eps + logvar);
-  out.log_p = T(-0.5) * out.z * out.z;
-  return out;
-}
-
-// KL(N(mu, var) || N(0, 1)) for one dimension, var = exp(logvar).
-template <typename T>
-C10_HOST_DEVICE inline T kl_element(T mu, T var, T logvar) {
-  return T(0.5) * (mu * mu + var - T(1) - logvar);
+C10_HOST_DEVICE inline LatentRowResults<T> latent_row_results(T kl2_sum, T eps_sq_sum, T z_sq_sum, T logvar_sum,
+                                                              int64_t dim) {
+  const T normalizer = T(-0.5 * kLog2Pi) * static_cast<T>(dim);
+  return {T(0.5) * kl2_sum, T(-0.5) * (eps_sq_sum + logvar_sum) + normalizer, T(-0.5) * z_sq_sum + normalizer};
 }
 
 // Gradient flowing into z from one sample: the incoming dL/dz, log p(z)'s

@@ -2,47 +2,94 @@
 //
 // The ops register themselves with the dispatcher (TORCH_LIBRARY) when the
 // library loads; Python reaches them through torch.ops.fastvae. The module
-// itself exports one helper, draw_cpu_seed, for the Python wrapper's hot path.
+// adds two helpers for fastvae.ops.latent_terms' most common call (CPU
+// tensors, eager mode, in-kernel noise), where a (128, 32) latent layer's
+// whole fused forward costs less than a few Python-level steps:
+//   draw_cpu_seed(generator=None) -> int
+//   latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl) -> (z, kl, log_q, log_p)
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/TransformationHelper.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/Generator.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/python_numbers.h>
 
 #include <mutex>
 
 namespace {
 
-// draw_cpu_seed(generator=None) -> int: the seed for one in-kernel Philox
-// draw, taken from `generator` (torch's default CPU generator when None).
-// It consumes and returns exactly what `torch.empty((), dtype=torch.int64)
-// .random_(generator=generator)` would, without allocating a tensor or going
-// through the dispatcher: for a (128, 32) latent layer that tensor round trip
-// cost as much as the fused kernel.
+// The generator argument: torch's default CPU generator for None.
+at::Generator generator_arg(PyObject* arg, const char* function) {
+  if (arg == Py_None) return at::detail::getDefaultCPUGenerator();
+  TORCH_CHECK_TYPE(PyObject_IsInstance(arg, THPGeneratorClass) == 1, "fastvae: ", function,
+                   ": generator must be a torch.Generator or None, got ", Py_TYPE(arg)->tp_name);
+  return reinterpret_cast<THPGenerator*>(arg)->cdata;
+}
+
+// One seed for the in-kernel Philox stream: exactly what
+// `torch.empty((), dtype=torch.int64).random_(generator=generator)` draws,
+// without allocating a tensor or going through the dispatcher.
+int64_t draw_seed(at::Generator generator) {
+  auto* cpu = at::check_generator<at::CPUGeneratorImpl>(generator);
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return at::transformation::uniform_int<int64_t>(cpu->random64());
+}
+
 PyObject* draw_cpu_seed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs > 1) {
-    PyErr_SetString(PyExc_TypeError, "draw_cpu_seed(generator=None) takes at most one argument");
-    return nullptr;
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs <= 1, "fastvae: draw_cpu_seed(generator=None) takes at most one argument");
+  return PyLong_FromLongLong(draw_seed(generator_arg(nargs == 1 ? args[0] : Py_None, "draw_cpu_seed")));
+  END_HANDLE_TH_ERRORS
+}
+
+// fastvae::latent_terms with a seed from draw_seed, called through the
+// dispatcher (autograd included) as torch.ops would, minus the boxing of its
+// arguments. The Python caller sends only plain CPU tensors in eager mode, with
+// no __torch_function__ mode active, so nothing torch.ops does is skipped.
+PyObject* latent_terms_cpu_seed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 6, "fastvae: latent_terms_cpu_seed takes 6 arguments, got ", nargs);
+  TORCH_CHECK_TYPE(THPVariable_Check(args[0]) && THPVariable_Check(args[1]),
+                   "fastvae: latent_terms_cpu_seed: mu and logvar must be tensors");
+  const at::Tensor& mu = THPVariable_Unpack(args[0]);
+  const at::Tensor& logvar = THPVariable_Unpack(args[1]);
+  c10::optional<int64_t> num_samples;
+  if (args[2] != Py_None) num_samples = THPUtils_unpackLong(args[2]);
+  const int64_t seed = draw_seed(generator_arg(args[3], "latent_terms"));
+  const int64_t row_offset = THPUtils_unpackLong(args[4]);
+  const bool stl = PyObject_IsTrue(args[5]) == 1;
+
+  using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, c10::optional<int64_t>, int64_t,
+      int64_t, int64_t, bool);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastvae::latent_terms", "").typed<Signature>();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    pybind11::gil_scoped_release no_gil;  // as torch.ops does: other Python threads run meanwhile
+    out = op.call(mu, logvar, c10::nullopt, num_samples, seed, /*offset=*/0, row_offset, stl);
   }
-  try {
-    at::Generator generator = at::detail::getDefaultCPUGenerator();
-    if (nargs == 1 && args[0] != Py_None) {
-      if (PyObject_IsInstance(args[0], THPGeneratorClass) != 1) {
-        PyErr_SetString(PyExc_TypeError, "draw_cpu_seed: generator must be a torch.Generator or None");
-        return nullptr;
-      }
-      generator = reinterpret_cast<THPGenerator*>(args[0])->cdata;
-    }
-    auto* cpu = at::check_generator<at::CPUGeneratorImpl>(generator);
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    return PyLong_FromLongLong(at::transformation::uniform_int<int64_t>(cpu->random64()));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  PyObject* result = PyTuple_New(4);
+  if (result == nullptr) return nullptr;
+  auto& [z, kl, log_q, log_p] = out;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(z)));  // SET_ITEM takes the new references
+  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(kl)));
+  PyTuple_SET_ITEM(result, 2, THPVariable_Wrap(std::move(log_q)));
+  PyTuple_SET_ITEM(result, 3, THPVariable_Wrap(std::move(log_p)));
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
+PyCFunction fastcall() {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
 }
 
 PyMethodDef methods[] = {
-    {"draw_cpu_seed", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&draw_cpu_seed)), METH_FASTCALL,
+    {"draw_cpu_seed", fastcall<draw_cpu_seed>(), METH_FASTCALL,
      "draw_cpu_seed(generator=None) -> int: a Philox seed drawn from a CPU torch.Generator"},
+    {"latent_terms_cpu_seed", fastcall<latent_terms_cpu_seed>(), METH_FASTCALL,
+     "latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl) -> (z, kl, log_q, log_p)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

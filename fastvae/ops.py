@@ -210,9 +210,10 @@ else:
 # the extension's draw_cpu_seed returns the same value from the same generator state without
 # that tensor round trip (which cost as much as the whole fused op at B=128, D=32). Dynamo
 # cannot trace it, so compiled code keeps the tensor path.
-_draw_cpu_seed = None
+_draw_cpu_seed = _latent_terms_cpu_seed = None
 if _BACKEND == "cpp":
     from ._C import draw_cpu_seed as _draw_cpu_seed
+    from ._C import latent_terms_cpu_seed as _latent_terms_cpu_seed
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> tuple[int, int]:
@@ -233,13 +234,22 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
     return int(_seed_scratch().random_(generator=generator)), 0
 
 
-def _draw_seed_for(mu, generator: torch.Generator | None) -> tuple[int, int]:
-    """draw_seed(mu.device, generator), with the common case (a CPU tensor, eager mode) first:
-    every latent_terms call comes here, and at B=128, D=32 each Python step shows."""
-    if _draw_cpu_seed is not None and isinstance(mu, Tensor) and not mu.is_cuda and not torch.compiler.is_compiling():
-        return _draw_cpu_seed(generator), 0
-    _check_tensor(mu, "mu")
-    return draw_seed(mu.device, generator)
+def _direct_cpu_call_ok(mu, logvar) -> bool:
+    """Whether latent_terms may draw the seed and call the op in one step of the extension
+    (fastvae._C.latent_terms_cpu_seed) instead of through draw_seed and torch.ops.
+
+    Only for what that step covers exactly: plain CPU tensors, eager mode, no
+    __torch_function__ mode (which torch.ops would consult). At B=128, D=32 the two Python
+    steps it replaces cost as much as the fused kernel.
+    """
+    return (
+        _latent_terms_cpu_seed is not None
+        and type(mu) is Tensor
+        and type(logvar) is Tensor
+        and not mu.is_cuda
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_torch_function_mode_enabled()
+    )
 
 
 _thread_state = threading.local()
@@ -287,8 +297,13 @@ def latent_terms(
     """
     if num_samples is not None:
         _check_int(num_samples, "num_samples", low=1)
+    if row_offset:
+        _check_int(row_offset, "row_offset")
     if eps is None and seed is None:
-        seed, offset = _draw_seed_for(mu, generator)
+        if _direct_cpu_call_ok(mu, logvar):
+            return LatentTerms(*_latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl))
+        _check_tensor(mu, "mu")
+        seed, offset = draw_seed(mu.device, generator)
     elif seed is None:
         seed = 0  # eps given: (seed, offset) are not used
     else:

@@ -231,6 +231,49 @@ def test_cpu_seed_helper_draws_what_random_would():
         _C.draw_cpu_seed(None, None)
 
 
+@requires_cpp
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_direct_cpu_call_matches_the_torch_ops_path(num_samples):
+    # The common call (CPU tensors, eager, seed drawn from torch's generator) runs in one step of
+    # the extension (fastvae._C.latent_terms_cpu_seed); it must give what the general path gives,
+    # values and gradients, and must leave no reference behind.
+    import weakref
+
+    mu, logvar = make_inputs(batch=6, dim=9, dtype=torch.float32, requires_grad=True)
+    torch.manual_seed(11)
+    fast = fastvae.latent_terms(mu, logvar, num_samples, row_offset=2)
+    torch.manual_seed(11)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    slow = fastvae.latent_terms(mu, logvar, num_samples, seed=seed, row_offset=2)
+    for got, want in zip(fast, slow):
+        assert torch.equal(got, want)
+    weights = [torch.randn_like(t) for t in fast]
+    got = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, fast)), (mu, logvar))
+    want = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, slow)), (mu, logvar))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    z = weakref.ref(fast.z)
+    del fast
+    assert z() is None
+
+
+@requires_cpp
+def test_torch_function_modes_still_see_the_op():
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    mu, logvar = make_inputs(dtype=torch.float32)
+    with Record():
+        fastvae.latent_terms(mu, logvar)
+    assert any("latent_terms" in name for name in seen), seen
+
+
 def test_noise_is_standard_normal():
     n = 1_000_000
     eps = fastvae.reparameterize(torch.zeros(1000, 1000), torch.zeros(1000, 1000), seed=12345).double().flatten()

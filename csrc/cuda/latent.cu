@@ -35,16 +35,16 @@ namespace {
 
 constexpr int kFlatThreads = 256;  // threads per block of the element-wise kernels
 
-// The three per-row sums of the forward, reduced together in one pass.
+// The four per-row sums of the forward (fastvae.h, latent_element), reduced together in one pass.
 template <typename T>
 struct LatentSums {
-  T log_q, log_p, kl;
+  T kl2, eps_sq, z_sq, logvar;
 };
 
 struct AddLatentSums {
   template <typename T>
   __device__ __forceinline__ LatentSums<T> operator()(const LatentSums<T>& a, const LatentSums<T>& b) const {
-    return LatentSums<T>{a.log_q + b.log_q, a.log_p + b.log_p, a.kl + b.kl};
+    return LatentSums<T>{a.kl2 + b.kl2, a.eps_sq + b.eps_sq, a.z_sq + b.z_sq, a.logvar + b.logvar};
   }
 };
 
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
     T* z_row = z + row * dim;
     // Within-sample noise indices of this row: [first, last).
     const int64_t first = (b + row_offset) * dim, last = first + dim;
-    LatentSums<T> acc{T(0), T(0), T(0)};
+    LatentSums<T> acc{T(0), T(0), T(0), T(0)};
     for (int64_t block = first / 4 + threadIdx.x; 4 * block < last; block += kThreads) {
       float normals[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (eps_row == nullptr) {
@@ -78,20 +78,15 @@ __global__ void __launch_bounds__(kThreads)
         const T m = mu_row[d];
         const T lv = logvar_row[d];
         const T e = eps_row != nullptr ? eps_row[d] : static_cast<T>(normals[j]);
-        const T std_dev = exp_of(T(0.5) * lv);
-        const LatentElement<T> el = latent_element(m, std_dev, lv, e);
-        z_row[d] = el.z;
-        acc.log_q += el.log_q;
-        acc.log_p += el.log_p;
-        acc.kl += kl_element(m, std_dev * std_dev, lv);
+        z_row[d] = latent_element(m, lv, e, acc.kl2, acc.eps_sq, acc.z_sq, acc.logvar);
       }
     }
     const LatentSums<T> total = BlockReduce(temp).Reduce(acc, AddLatentSums());
     if (threadIdx.x == 0) {
-      const T normalizer = T(-0.5 * kLog2Pi) * static_cast<T>(dim);
-      log_q[row] = total.log_q + normalizer;
-      log_p[row] = total.log_p + normalizer;
-      if (row < batch) kl[b] = total.kl;  // KL does not depend on the sample: written once
+      const LatentRowResults<T> r = latent_row_results(total.kl2, total.eps_sq, total.z_sq, total.logvar, dim);
+      log_q[row] = r.log_q;
+      log_p[row] = r.log_p;
+      if (row < batch) kl[b] = r.kl;  // KL does not depend on the sample: written once
     }
     __syncthreads();  // temp is reused by the next row
   }
