@@ -301,7 +301,8 @@ def latent_terms(
         _check_int(row_offset, "row_offset")
     if eps is None and seed is None:
         if _direct_cpu_call_ok(mu, logvar):
-            return LatentTerms(*_latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl))
+            # tuple.__new__ takes the extension's tuple as it is; LatentTerms(*t) is one more Python call.
+            return tuple.__new__(LatentTerms, _latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl))
         _check_tensor(mu, "mu")
         seed, offset = draw_seed(mu.device, generator)
     elif seed is None:
