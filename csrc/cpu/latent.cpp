@@ -32,27 +32,26 @@ __attribute__((always_inline)) inline const T* noise_chunk(const LatentForwardAr
   }
 }
 
-// A row's four running sums (fastvae.h, latent_element), each held as kLanes
+// A row's three running sums (fastvae.h, latent_element), each held as kLanes
 // partial sums that the vectorizer keeps in registers and that are added as a
 // tree at the end of the row. (With `omp simd reduction` GCC added the lanes
 // one after another: a serial tail worth ~15% of a 256-wide float32 row.)
 template <typename T>
 struct LatentRowSums {
   static constexpr int kLanes = 16;
-  T kl2[kLanes] = {}, eps_sq[kLanes] = {}, z_sq[kLanes] = {}, logvar[kLanes] = {};
+  T kl2[kLanes] = {}, eps_sq_logvar[kLanes] = {}, z_sq[kLanes] = {};
 
   // z[j] for j < count, adding each element's terms to lane j % kLanes.
-  __attribute__((always_inline)) inline void add(const T* mu, const T* logvar_in, const T* eps, T* z,
-                                                 int64_t count) {
+  __attribute__((always_inline)) inline void add(const T* mu, const T* logvar, const T* eps, T* z, int64_t count) {
     int64_t j = 0;
     for (; j + kLanes <= count; j += kLanes) {
 #pragma omp simd
       for (int k = 0; k < kLanes; ++k) {
-        z[j + k] = latent_element(mu[j + k], logvar_in[j + k], eps[j + k], kl2[k], eps_sq[k], z_sq[k], logvar[k]);
+        z[j + k] = latent_element(mu[j + k], logvar[j + k], eps[j + k], kl2[k], eps_sq_logvar[k], z_sq[k]);
       }
     }
     for (int k = 0; j < count; ++j, ++k) {
-      z[j] = latent_element(mu[j], logvar_in[j], eps[j], kl2[k], eps_sq[k], z_sq[k], logvar[k]);
+      z[j] = latent_element(mu[j], logvar[j], eps[j], kl2[k], eps_sq_logvar[k], z_sq[k]);
     }
   }
 
@@ -61,12 +60,11 @@ struct LatentRowSums {
 #pragma omp simd
       for (int k = 0; k < width; ++k) {
         kl2[k] += kl2[k + width];
-        eps_sq[k] += eps_sq[k + width];
+        eps_sq_logvar[k] += eps_sq_logvar[k + width];
         z_sq[k] += z_sq[k + width];
-        logvar[k] += logvar[k + width];
       }
     }
-    return latent_row_results(kl2[0], eps_sq[0], z_sq[0], logvar[0], dim);
+    return latent_row_results(kl2[0], eps_sq_logvar[0], z_sq[0], dim);
   }
 };
 

@@ -35,16 +35,16 @@ namespace {
 
 constexpr int kFlatThreads = 256;  // threads per block of the element-wise kernels
 
-// The four per-row sums of the forward (fastvae.h, latent_element), reduced together in one pass.
+// The three per-row sums of the forward (fastvae.h, latent_element), reduced together in one pass.
 template <typename T>
 struct LatentSums {
-  T kl2, eps_sq, z_sq, logvar;
+  T kl2, eps_sq_logvar, z_sq;
 };
 
 struct AddLatentSums {
   template <typename T>
   __device__ __forceinline__ LatentSums<T> operator()(const LatentSums<T>& a, const LatentSums<T>& b) const {
-    return LatentSums<T>{a.kl2 + b.kl2, a.eps_sq + b.eps_sq, a.z_sq + b.z_sq, a.logvar + b.logvar};
+    return LatentSums<T>{a.kl2 + b.kl2, a.eps_sq_logvar + b.eps_sq_logvar, a.z_sq + b.z_sq};
   }
 };
 
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
     T* z_row = z + row * dim;
     // Within-sample noise indices of this row: [first, last).
     const int64_t first = (b + row_offset) * dim, last = first + dim;
-    LatentSums<T> acc{T(0), T(0), T(0), T(0)};
+    LatentSums<T> acc{T(0), T(0), T(0)};
     for (int64_t block = first / 4 + threadIdx.x; 4 * block < last; block += kThreads) {
       float normals[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (eps_row == nullptr) {
@@ -78,12 +78,12 @@ __global__ void __launch_bounds__(kThreads)
         const T m = mu_row[d];
         const T lv = logvar_row[d];
         const T e = eps_row != nullptr ? eps_row[d] : static_cast<T>(normals[j]);
-        z_row[d] = latent_element(m, lv, e, acc.kl2, acc.eps_sq, acc.z_sq, acc.logvar);
+        z_row[d] = latent_element(m, lv, e, acc.kl2, acc.eps_sq_logvar, acc.z_sq);
       }
     }
     const LatentSums<T> total = BlockReduce(temp).Reduce(acc, AddLatentSums());
     if (threadIdx.x == 0) {
-      const LatentRowResults<T> r = latent_row_results(total.kl2, total.eps_sq, total.z_sq, total.logvar, dim);
+      const LatentRowResults<T> r = latent_row_results(total.kl2, total.eps_sq_logvar, total.z_sq, dim);
       log_q[row] = r.log_q;
       log_p[row] = r.log_p;
       if (row < batch) kl[b] = r.kl;  // KL does not depend on the sample: written once
