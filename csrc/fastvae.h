@@ -15,6 +15,17 @@
 #include <cstdint>
 #include <cstring>
 
+// Every function here is forced inline. The CPU loops that call them are
+// compiled once per ISA level (csrc/cpu/cpu_loops.h, FASTVAE_MULTIVERSION); a
+// copy left out of line by GCC's inlining budget is compiled for the baseline
+// ISA and stops the loop from vectorizing (the noise generator ran 3-6x slower
+// when that happened). On the device nvcc treats it as __forceinline__.
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTVAE_FN C10_HOST_DEVICE inline __attribute__((always_inline))
+#else
+#define FASTVAE_FN C10_HOST_DEVICE inline
+#endif
+
 namespace fastvae {
 
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;  // log(2*pi)
@@ -22,7 +33,7 @@ constexpr double kLog2Pi = 1.8378770664093454835606594728112;  // log(2*pi)
 // ---------------------------------------------------------------------------
 // Bit casts that work on host and device.
 // ---------------------------------------------------------------------------
-C10_HOST_DEVICE inline float bits_to_float(uint32_t bits) {
+FASTVAE_FN float bits_to_float(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(bits);
 #else
@@ -32,7 +43,7 @@ C10_HOST_DEVICE inline float bits_to_float(uint32_t bits) {
 #endif
 }
 
-C10_HOST_DEVICE inline uint32_t float_to_bits(float f) {
+FASTVAE_FN uint32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
@@ -55,7 +66,7 @@ C10_HOST_DEVICE inline uint32_t float_to_bits(float f) {
 // series to degree 7 (truncation error < 6e-9 relative). Written without
 // branches or float->int conversions so that GCC vectorizes it: NaN flows
 // through the arithmetic to a NaN result, +inf overflows to inf, -inf gives 0.
-C10_HOST_DEVICE inline float exp_poly(float x) {
+FASTVAE_FN float exp_poly(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693145751953125f;  // ln2 split so that k*kLn2Hi is exact
   const float kLn2Lo = 1.428606765330187045e-06f;
@@ -85,7 +96,7 @@ C10_HOST_DEVICE inline float exp_poly(float x) {
 
 // log(1 + t) for t in [0, 1] via log1p(t) = 2*atanh(s), s = t/(2+t) in [0, 1/3]:
 // exact near t = 0 (no cancellation in 1 + t), truncation error < 1e-9.
-C10_HOST_DEVICE inline float log1p_unit(float t) {
+FASTVAE_FN float log1p_unit(float t) {
   float s = t / (2.0f + t);
   float s2 = s * s;
   float p = 1.0f / 17.0f;
@@ -102,7 +113,7 @@ C10_HOST_DEVICE inline float log1p_unit(float t) {
 
 // log(u) for u in (0, 1], a normal float (the uniforms below are): u = m * 2^e
 // with m in [sqrt(1/2), sqrt(2)), log(m) = 2*atanh((m-1)/(m+1)).
-C10_HOST_DEVICE inline float log_unit_interval(float u) {
+FASTVAE_FN float log_unit_interval(float u) {
   uint32_t bits = float_to_bits(u);
   int32_t e = static_cast<int32_t>((bits >> 23) & 0xff) - 127;
   float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
@@ -120,7 +131,7 @@ C10_HOST_DEVICE inline float log_unit_interval(float u) {
 }
 
 // sin and cos of phi in [0, pi/2] by their Taylor series (error < 4e-8).
-C10_HOST_DEVICE inline void sincos_quarter(float phi, float* s, float* c) {
+FASTVAE_FN void sincos_quarter(float phi, float* s, float* c) {
   float x2 = phi * phi;
   float ps = -1.0f / 39916800.0f;
   ps = ps * x2 + 1.0f / 362880.0f;
@@ -157,7 +168,7 @@ struct Philox4 {
 // 32x32->64 multiply is then one widening multiply per lane, which GCC
 // vectorizes without the shuffles that packed 32-bit lanes need (~1.5x faster
 // on AVX-512). The output is the standard Philox4x32-10 stream.
-C10_HOST_DEVICE inline Philox4 philox4x32_10(uint64_t counter_lo, uint64_t counter_hi, uint64_t seed) {
+FASTVAE_FN Philox4 philox4x32_10(uint64_t counter_lo, uint64_t counter_hi, uint64_t seed) {
   const uint64_t kMask = 0xFFFFFFFFull;
   uint64_t c0 = counter_lo & kMask, c1 = counter_lo >> 32;
   uint64_t c2 = counter_hi & kMask, c3 = counter_hi >> 32;
@@ -183,7 +194,7 @@ C10_HOST_DEVICE inline Philox4 philox4x32_10(uint64_t counter_lo, uint64_t count
 // of `b`, and the quadrant from two low bits of `a`. Random signs on
 // (r cos phi, r sin phi) give the same joint law as an angle uniform on the
 // whole circle, with trigonometry only on [0, pi/2].
-C10_HOST_DEVICE inline void box_muller(uint32_t a, uint32_t b, float* n0, float* n1) {
+FASTVAE_FN void box_muller(uint32_t a, uint32_t b, float* n0, float* n1) {
   const float kTwoPow24Inv = 5.9604644775390625e-08f;  // 2^-24
   float u = static_cast<float>(static_cast<int32_t>((a >> 8) + 1u)) * kTwoPow24Inv;
   float phi = static_cast<float>(static_cast<int32_t>(b >> 8)) * (kTwoPow24Inv * 1.57079632679489662f);
@@ -197,12 +208,12 @@ C10_HOST_DEVICE inline void box_muller(uint32_t a, uint32_t b, float* n0, float*
 }
 
 // Counter of block `block_in_sample` of sample l (room for 2^34 elements per sample).
-C10_HOST_DEVICE inline uint64_t noise_block(uint64_t sample, uint64_t block_in_sample) {
+FASTVAE_FN uint64_t noise_block(uint64_t sample, uint64_t block_in_sample) {
   return (sample << 32) + block_in_sample;
 }
 
 // The four standard normals of counter block `block` (elements 4*block .. 4*block+3).
-C10_HOST_DEVICE inline void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4]) {
+FASTVAE_FN void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4]) {
   Philox4 r = philox4x32_10(block, offset, seed);
   box_muller(r.v[0], r.v[1], &out[0], &out[1]);
   box_muller(r.v[2], r.v[3], &out[2], &out[3]);
@@ -212,19 +223,19 @@ C10_HOST_DEVICE inline void normal4(uint64_t seed, uint64_t offset, uint64_t blo
 // exp for the kernels' accumulation type: the vectorizable polynomial in float,
 // libm in double (float64 results must match torch.distributions to ~1e-12).
 // ---------------------------------------------------------------------------
-C10_HOST_DEVICE inline float exp_of(float x) {
+FASTVAE_FN float exp_of(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
   return exp_poly(x);
 #endif
 }
-C10_HOST_DEVICE inline double exp_of(double x) { return exp(x); }
+FASTVAE_FN double exp_of(double x) { return exp(x); }
 
-C10_HOST_DEVICE inline float log1p_exp_neg_abs(float a) {  // log1p(exp(-|a|))
+FASTVAE_FN float log1p_exp_neg_abs(float a) {  // log1p(exp(-|a|))
   return log1p_unit(exp_of(-fabsf(a)));
 }
-C10_HOST_DEVICE inline double log1p_exp_neg_abs(double a) { return log1p(exp(-fabs(a))); }
+FASTVAE_FN double log1p_exp_neg_abs(double a) { return log1p(exp(-fabs(a))); }
 
 // ---------------------------------------------------------------------------
 // Latent terms, per element (sums over d are done by the callers).
@@ -237,7 +248,7 @@ C10_HOST_DEVICE inline double log1p_exp_neg_abs(double a) { return log1p(exp(-fa
 //   log_p = -0.5 * sum(z^2)            - 0.5*D*log(2 pi)
 // Returns z = mu + std*eps and adds the element's terms to the running sums.
 template <typename T>
-C10_HOST_DEVICE inline T latent_element(T mu, T logvar, T eps, T& kl2_sum, T& eps_sq_logvar_sum, T& z_sq_sum) {
+FASTVAE_FN T latent_element(T mu, T logvar, T eps, T& kl2_sum, T& eps_sq_logvar_sum, T& z_sq_sum) {
   const T std_dev = exp_of(T(0.5) * logvar);
   const T z = mu + std_dev * eps;
   // var - 1 - logvar first: near the prior it cancels to a small number that keeps its digits.
@@ -253,7 +264,7 @@ struct LatentRowResults {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline LatentRowResults<T> latent_row_results(T kl2_sum, T eps_sq_logvar_sum, T z_sq_sum,
+FASTVAE_FN LatentRowResults<T> latent_row_results(T kl2_sum, T eps_sq_logvar_sum, T z_sq_sum,
                                                               int64_t dim) {
   const T normalizer = T(-0.5 * kLog2Pi) * static_cast<T>(dim);
   return {T(0.5) * kl2_sum, T(-0.5) * eps_sq_logvar_sum + normalizer, T(-0.5) * z_sq_sum + normalizer};
@@ -263,7 +274,7 @@ C10_HOST_DEVICE inline LatentRowResults<T> latent_row_results(T kl2_sum, T eps_s
 // -z, and (sticking the landing only) log q's path derivative -eps/std =
 // -(z - mu)/var.
 template <typename T>
-C10_HOST_DEVICE inline T latent_grad_through_z(T gz, T glp, T glq_path, T z, T mu, T inv_var) {
+FASTVAE_FN T latent_grad_through_z(T gz, T glp, T glq_path, T z, T mu, T inv_var) {
   return gz - glp * z - glq_path * (z - mu) * inv_var;
 }
 
@@ -272,14 +283,14 @@ C10_HOST_DEVICE inline T latent_grad_through_z(T gz, T glp, T glq_path, T z, T m
 // ---------------------------------------------------------------------------
 // log Bernoulli(x | sigmoid(a)) = x*a - softplus(a), softplus(a) = max(a,0) + log1p(exp(-|a|)).
 template <typename T>
-C10_HOST_DEVICE inline T bernoulli_log_prob(T logit, T x) {
+FASTVAE_FN T bernoulli_log_prob(T logit, T x) {
   T relu = logit > T(0) ? logit : T(0);
   return x * logit - relu - log1p_exp_neg_abs(logit);
 }
 
 // d/da = x - sigmoid(a); sigmoid from exp(-|a|) so it never overflows.
 template <typename T>
-C10_HOST_DEVICE inline T bernoulli_grad_logit(T logit, T x) {
+FASTVAE_FN T bernoulli_grad_logit(T logit, T x) {
   T e = exp_of(logit > T(0) ? -logit : logit);  // exp(-|a|)
   T sigmoid = logit > T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
   return x - sigmoid;
@@ -287,14 +298,14 @@ C10_HOST_DEVICE inline T bernoulli_grad_logit(T logit, T x) {
 
 // log N(x | m, exp(s)) without the -0.5*log2pi (added once per row).
 template <typename T>
-C10_HOST_DEVICE inline T gaussian_log_prob(T mean, T x, T logvar, T inv_var) {
+FASTVAE_FN T gaussian_log_prob(T mean, T x, T logvar, T inv_var) {
   T diff = x - mean;
   return T(-0.5) * (diff * diff * inv_var + logvar);
 }
 
 // d/dm = (x - m)/var;  d/ds = 0.5*((x - m)^2/var - 1).
 template <typename T>
-C10_HOST_DEVICE inline void gaussian_grads(T mean, T x, T inv_var, T* grad_mean, T* grad_logvar) {
+FASTVAE_FN void gaussian_grads(T mean, T x, T inv_var, T* grad_mean, T* grad_logvar) {
   T scaled = (x - mean) * inv_var;
   *grad_mean = scaled;
   *grad_logvar = T(0.5) * ((x - mean) * scaled - T(1));

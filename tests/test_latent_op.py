@@ -175,11 +175,21 @@ def test_philox_known_answer():
     assert [int(w[0]) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
-def test_in_kernel_noise_is_the_reference_stream():
-    mu, logvar = torch.zeros(3, 37), torch.zeros(3, 37)
-    z = fastvae.latent_terms(mu, logvar, 2, seed=2**40 + 3, offset=5).z
-    expected = torch.stack([reference.philox_normal(3 * 37, 2**40 + 3, 5, sample=l) for l in range(2)])
-    torch.testing.assert_close(z, expected.view(2, 3, 37), rtol=1e-5, atol=1e-5)
+# Shapes where the kernels draw noise for several short rows at once (spans that stop at a sample's
+# end and at a thread's last row), rows that are split into several spans, and a shard's row_offset.
+@pytest.mark.parametrize("batch,dim,row_offset", [(3, 37, 0), (301, 24, 5), (2, 1500, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_in_kernel_noise_is_the_reference_stream(batch, dim, row_offset, threads):
+    mu, logvar = torch.zeros(batch, dim), torch.zeros(batch, dim)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        z = fastvae.latent_terms(mu, logvar, 3, seed=2**40 + 3, offset=5, row_offset=row_offset).z
+    finally:
+        torch.set_num_threads(before)
+    n = (row_offset + batch) * dim
+    expected = torch.stack([reference.philox_normal(n, 2**40 + 3, 5, sample=l)[row_offset * dim :] for l in range(3)])
+    torch.testing.assert_close(z, expected.view(3, batch, dim), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_samples", [None, 3])
