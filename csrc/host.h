@@ -142,7 +142,9 @@ struct LatentBackwardIO {
             samples,                  batch,                    dim,
             stl};
   }
-  std::tuple<at::Tensor, at::Tensor> result() const { return {as_dtype(grad_mu, input_dtype), as_dtype(grad_logvar, input_dtype)}; }
+  std::tuple<at::Tensor, at::Tensor> result() const {
+    return {as_dtype(grad_mu, input_dtype), as_dtype(grad_logvar, input_dtype)};
+  }
 };
 
 inline LatentBackwardIO prepare_latent_backward(const c10::optional<at::Tensor>& grad_z,

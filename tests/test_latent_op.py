@@ -330,6 +330,13 @@ def test_empty_batch_gives_empty_outputs():
     assert out.z.shape == (2, 0, 4) and out.kl.shape == (0,) and out.log_q.shape == (2, 0)
 
 
+def test_zero_latent_dim_gives_zero_sums():
+    out = fastvae.latent_terms(torch.zeros(3, 0), torch.zeros(3, 0), 2, seed=0)
+    assert out.z.shape == (2, 3, 0)
+    for total in (out.kl, out.log_q, out.log_p):
+        assert torch.equal(total, torch.zeros_like(total))
+
+
 def test_large_latent_dim_crosses_noise_chunks():
     mu, logvar = make_inputs(batch=2, dim=1500, dtype=torch.float32)
     out = fastvae.latent_terms(mu, logvar, 2, seed=8)

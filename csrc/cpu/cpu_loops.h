@@ -43,8 +43,8 @@ inline void parallel_rows(int64_t rows, int64_t row_len, int64_t min_elements_pe
 // [first, first+count) (count <= kNoiseChunk), into `buf`, which must hold
 // kNoiseChunk + 8 floats, and returns the pointer to the normal of index `first`.
 // Forced inline for the reason given in fastvae.h.
-__attribute__((always_inline)) inline const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample, int64_t first, int64_t count,
-                                 float* buf) {
+__attribute__((always_inline)) inline const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample,
+                                                                int64_t first, int64_t count, float* buf) {
   const int64_t first_block = first / 4;
   const int64_t end_block = (first + count + 3) / 4;
 #pragma omp simd

@@ -15,9 +15,10 @@ namespace fastvae {
 namespace cpu {
 namespace {
 
-// The noise of elements [c, c+count) of z's row `row`, as T: the caller's eps,
-// or fresh Philox normals (drawn in float32 for every dtype, so a seed gives the
-// same eps whatever the dtype).
+// The noise of `count` consecutive elements of z from column c of row `row` on
+// (count <= kNoiseChunk; they may run on into the next rows of the same sample),
+// as T: the caller's eps, or fresh Philox normals (drawn in float32 for every
+// dtype, so a seed gives the same eps whatever the dtype).
 template <typename T>
 __attribute__((always_inline)) inline const T* noise_chunk(const LatentForwardArgs<T>& a, int64_t row, int64_t c,
                                                            int64_t count, float* fbuf, T* tbuf) {
@@ -89,24 +90,27 @@ __attribute__((always_inline)) inline void latent_forward_rows(const LatentForwa
   float fbuf[kNoiseChunk + 8];
   T tbuf[std::is_same_v<T, float> ? 1 : kNoiseChunk];
   const int64_t D = a.dim;
-  const int64_t rows_per_span = std::max<int64_t>(1, kNoiseChunk / std::max<int64_t>(D, 1));
   LatentRowSums<T> sums;
+  if (D == 0) {  // empty rows: every sum is 0
+    for (int64_t row = begin; row < end; ++row) store_row_results(a, row, sums);
+    return;
+  }
+  const int64_t rows_per_span = std::max<int64_t>(1, kNoiseChunk / D);
   int64_t row = begin, col = 0;
   while (row < end) {
     const int64_t rows = col == 0 ? std::min({end - row, rows_per_span, a.batch - row % a.batch}) : 1;
     const int64_t span = rows > 1 ? rows * D : std::min(kNoiseChunk, D - col);
     const T* eps = noise_chunk(a, row, col, span, fbuf, tbuf);
-    for (int64_t done = 0; done < span || D == 0;) {  // (D == 0: one empty row per pass)
+    for (int64_t done = 0; done < span;) {
       const int64_t b = row % a.batch, count = std::min(span - done, D - col);
       sums.add(a.mu + b * D + col, a.logvar + b * D + col, eps + done, a.z + row * D + col, count);
       done += count;
       col += count;
-      if (col == D) {
+      if (col == D) {  // the row is complete
         store_row_results(a, row, sums);
         sums = LatentRowSums<T>();
         ++row;
         col = 0;
-        if (D == 0) break;
       }
     }
   }
@@ -192,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at
   AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms", [&] {
     const auto args = io.args<scalar_t>();
     const int64_t per_task = io.eps.has_value() ? kElementsPerTask : kNoiseElementsPerTask;
-    parallel_rows(io.samples * io.batch, io.dim, per_task, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
+    parallel_rows(io.samples * io.batch, io.dim, per_task,
+                  [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
   return io.result();
 }
@@ -204,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
   const LatentBackwardIO io = prepare_latent_backward(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar, stl);
   AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms_backward", [&] {
     const auto args = io.args<scalar_t>();
-    parallel_rows(io.batch, io.samples * io.dim, kElementsPerTask, [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
+    parallel_rows(io.batch, io.samples * io.dim, kElementsPerTask,
+                  [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
   return io.result();
 }
