@@ -84,10 +84,14 @@ def cmd_train(args) -> int:
         conditional=args.conditional, precision=args.precision, max_minutes=args.max_minutes, device=args.device,
     )
     try:
-        trainer, history = train(config, resume=args.resume)
-    finally:
-        distributed.shutdown()
-    print(f"trained to epoch {trainer.epoch}; checkpoint, metrics.csv and PNGs in {trainer.out_dir}")
+        trainer, _ = train(config, resume=args.resume)
+    except BaseException:
+        distributed.shutdown(wait_for_peers=False)
+        raise
+    epoch, out_dir = trainer.epoch, trainer.out_dir
+    del trainer  # its DDP reducer holds gloo work objects: they must go before the process group
+    distributed.shutdown()
+    print(f"trained to epoch {epoch}; checkpoint, metrics.csv and PNGs in {out_dir}")
     return 0
 
 

@@ -9,6 +9,7 @@ same global batch to float rounding. gloo on CPU, nccl on GPU.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -55,15 +56,21 @@ def init_from_environment(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process joined one.
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Leave the process group, if this process joined one; call it once the DDP model is gone.
 
-    Without it gloo's threads are still running when the interpreter exits, and a rank can
-    die in that race with "terminate called without an active exception" (SIGABRT) after
-    its work is done, which fails the whole torchrun.
+    Without it gloo's threads still hold work objects when the interpreter exits, and a rank
+    can die in that race with "terminate called without an active exception" (SIGABRT) after
+    its work is done, which fails the whole torchrun. wait_for_peers: a barrier first, so no
+    rank tears its connections down while another still uses them (rank 0 writes the
+    pictures after training); False on the error path, where a peer may never arrive.
     """
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()  # a DDP wrapper in a reference cycle would otherwise outlive its process group
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def launch(nproc: int, argv: list[str]) -> int:
