@@ -24,7 +24,7 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 // A first-order backward (grad mode off) calls the backward ops below the
 // Autograd key: nothing is recorded there anyway, and skipping the autograd
-// fallback saves microseconds that matter for small latent layers. With
+// fallback saves microseconds that matter for small layers. With
 // create_graph=True the Autograd key stays in, so double backward reports that
 // it is not implemented instead of silently dropping the graph.
 class BelowAutogradUnlessDoubleBackward {
@@ -91,6 +91,7 @@ class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
     static const auto op = find_op<BernoulliBackwardSig>("fastvae::bernoulli_log_prob_backward");
     const auto saved = ctx->get_saved_variables();
     const bool needs_grad_x = ctx->needs_input_grad(1);
+    BelowAutogradUnlessDoubleBackward guard;
     auto [grad_logits, grad_x] = op.call(grads[0], saved[0], saved[1], needs_grad_x);
     return {grad_logits, needs_grad_x ? grad_x : Tensor()};
   }
@@ -111,6 +112,7 @@ class GaussianLogProb : public torch::autograd::Function<GaussianLogProb> {
     static const auto op = find_op<GaussianBackwardSig>("fastvae::gaussian_log_prob_backward");
     const auto saved = ctx->get_saved_variables();
     const bool needs_grad_x = ctx->needs_input_grad(1);
+    BelowAutogradUnlessDoubleBackward guard;
     auto [grad_mean, grad_logvar, grad_x] = op.call(grads[0], saved[0], saved[1], defined_or_none(saved[2]),
                                                     ctx->saved_data["logvar_value"].toDouble(), needs_grad_x);
     return {grad_mean, needs_grad_x ? grad_x : Tensor(), saved[2].defined() ? grad_logvar : Tensor(), Tensor()};

@@ -264,8 +264,7 @@ struct LatentRowResults {
 };
 
 template <typename T>
-FASTVAE_FN LatentRowResults<T> latent_row_results(T kl2_sum, T eps_sq_logvar_sum, T z_sq_sum,
-                                                              int64_t dim) {
+FASTVAE_FN LatentRowResults<T> latent_row_results(T kl2_sum, T eps_sq_logvar_sum, T z_sq_sum, int64_t dim) {
   const T normalizer = T(-0.5 * kLog2Pi) * static_cast<T>(dim);
   return {T(0.5) * kl2_sum, T(-0.5) * eps_sq_logvar_sum + normalizer, T(-0.5) * z_sq_sum + normalizer};
 }

@@ -56,9 +56,12 @@ PyObject* latent_terms_cpu_seed(PyObject* /*module*/, PyObject* const* args, Py_
   const at::Tensor& logvar = THPVariable_Unpack(args[1]);
   c10::optional<int64_t> num_samples;
   if (args[2] != Py_None) num_samples = THPUtils_unpackLong(args[2]);
-  const int64_t seed = draw_seed(generator_arg(args[3], "latent_terms"));
+  at::Generator generator = generator_arg(args[3], "latent_terms");
   const int64_t row_offset = THPUtils_unpackLong(args[4]);
-  const bool stl = PyObject_IsTrue(args[5]) == 1;
+  const int stl = PyObject_IsTrue(args[5]);
+  if (stl < 0) return nullptr;
+  // Drawn last, so that an argument rejected above leaves the generator's state alone.
+  const int64_t seed = draw_seed(generator);
 
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, c10::optional<int64_t>, int64_t,
@@ -67,7 +70,7 @@ PyObject* latent_terms_cpu_seed(PyObject* /*module*/, PyObject* const* args, Py_
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   {
     pybind11::gil_scoped_release no_gil;  // as torch.ops does: other Python threads run meanwhile
-    out = op.call(mu, logvar, c10::nullopt, num_samples, seed, /*offset=*/0, row_offset, stl);
+    out = op.call(mu, logvar, c10::nullopt, num_samples, seed, /*offset=*/0, row_offset, stl == 1);
   }
   PyObject* result = PyTuple_New(4);
   if (result == nullptr) return nullptr;

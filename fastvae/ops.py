@@ -302,7 +302,8 @@ def latent_terms(
     if eps is None and seed is None:
         if _direct_cpu_call_ok(mu, logvar):
             # tuple.__new__ takes the extension's tuple as it is; LatentTerms(*t) is one more Python call.
-            return tuple.__new__(LatentTerms, _latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl))
+            terms = _latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl)
+            return tuple.__new__(LatentTerms, terms)
         _check_tensor(mu, "mu")
         seed, offset = draw_seed(mu.device, generator)
     elif seed is None:

@@ -239,6 +239,17 @@ def test_cpu_seed_helper_draws_what_random_would():
         _C.draw_cpu_seed(5)
     with pytest.raises(TypeError, match="at most one argument"):
         _C.draw_cpu_seed(None, None)
+    # Through the public function (its one-step CPU call), a bad generator is named; a rejected
+    # argument of the one-step call leaves the default generator's state alone.
+    mu, logvar = make_inputs(dtype=torch.float32)
+    with pytest.raises(TypeError, match="latent_terms: generator must be a torch.Generator or None, got str"):
+        fastvae.latent_terms(mu, logvar, generator="seed")
+    torch.manual_seed(3)
+    with pytest.raises(TypeError):
+        _C.latent_terms_cpu_seed(mu, logvar, None, None, "not an int", False)
+    after_error = _C.draw_cpu_seed()
+    torch.manual_seed(3)
+    assert after_error == _C.draw_cpu_seed()
 
 
 @requires_cpp
