@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastvae import data as data_lib
-from fastvae.train import TrainConfig, Trainer
+from fastvae.config import TrainConfig
+from fastvae.train import Trainer
 from plain_vae import PlainVAE, plain_loss
 
 BATCH = 100

@@ -7,6 +7,7 @@ the library raises on bad input (files, shapes, values) give one line and status
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -68,21 +69,15 @@ def _json_object(text: str) -> dict:
 
 def cmd_train(args) -> int:
     from . import distributed
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
 
-    arch_config = dict(args.arch_config or {})
+    config = config_from_args(args, TrainConfig)
     if args.hidden is not None:
-        arch_config["hidden"] = args.hidden
-    config = TrainConfig(
-        data=args.data, out_dir=args.out, encoder=args.encoder, decoder=args.decoder, arch_config=arch_config,
-        latent_dim=args.latent_dim, likelihood=args.likelihood, binarize=args.binarize, objective=args.objective,
-        num_samples=args.samples, beta=args.beta, warmup_epochs=args.warmup, optimizer=args.optimizer, lr=args.lr,
-        batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, val_fraction=args.val_fraction,
-        conditional=args.conditional, precision=args.precision, max_minutes=args.max_minutes, device=args.device,
-    )
+        config.arch_config = {**config.arch_config, "hidden": args.hidden}
     try:
         trainer, _ = train(config, resume=args.resume)
     except BaseException:
@@ -98,7 +93,7 @@ def cmd_train(args) -> int:
 def _binarizer(train_config: dict, seed: int):
     """Binarize evaluation data as the run's training data was."""
     from . import data as data_lib
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     mode = TrainConfig.from_dict(train_config).binarize_mode
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +105,7 @@ def cmd_eval(args) -> int:
 
     from . import data as data_lib
     from .evaluate import evaluate
-    from .train import load_model
+    from .checkpoint import load_model
 
     model, state = load_model(args.checkpoint)
     dataset = data_lib.load_dataset(args.data or state["train_config"]["data"], args.split)
@@ -148,7 +143,8 @@ def _condition_vector(text: str | None, model):
 
 def cmd_sample(args) -> int:
     from . import images
-    from .train import image_scale, load_model
+    from .checkpoint import load_model
+    from .images import image_scale
 
     model, _ = load_model(args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
@@ -170,7 +166,8 @@ def cmd_sample(args) -> int:
 def cmd_reconstruct(args) -> int:
     from . import data as data_lib
     from . import images
-    from .train import image_scale, load_model
+    from .checkpoint import load_model
+    from .images import image_scale
 
     model, state = load_model(args.checkpoint)
     dataset = data_lib.load_dataset(args.data or state["train_config"]["data"], args.split)
@@ -189,36 +186,40 @@ def cmd_list(args) -> int:
     return 0
 
 
+def add_config_options(parser, config_class) -> None:
+    """One option per field of a configuration dataclass, with its help, choices and default."""
+    parsers = {"json": _json_object}
+    for f in dataclasses.fields(config_class):
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kwargs = {"dest": f.name, "default": None if default == {} else default, "help": meta.get("help", "")}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            parse = meta.get("parse")
+            kwargs["type"] = parsers.get(parse, parse) or (type(default) if default is not None else str)
+            kwargs["metavar"] = flag[2:].replace("-", "_").upper()
+            choices = meta.get("choices")
+            if choices is not None:
+                kwargs["choices"] = choices() if callable(choices) else choices
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(args, config_class):
+    """The configuration the parsed options describe (options left out keep the dataclass defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in values.items() if v is not None})
+
+
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a VAE (default: the embedded 8x8 digits, under a minute)")
-    p.add_argument("--data", default="digits",
-                   help="digits (embedded), mnist:DIR, fashion-mnist[:DIR], an IDX folder, .npy/.npz, or an image folder")
-    p.add_argument("--out", default="runs/fastvae", help="output folder: checkpoint, metrics.csv, PNGs")
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adam", "sgd", "adagrad"], default="adam")
-    p.add_argument("--latent-dim", type=int, default=8)
-    p.add_argument("--encoder", default="mlp", help="registered encoder name (see `fastvae list`)")
-    p.add_argument("--decoder", default=None, help="registered decoder name (default: same as --encoder)")
-    p.add_argument("--hidden", type=_int_list, default=None, help="hidden widths for mlp, e.g. 200,200")
-    p.add_argument("--arch-config", type=_json_object, default=None,
-                   help='architecture keyword configuration as JSON, e.g. \'{"activation": "relu"}\'')
-    p.add_argument("--likelihood", choices=["bernoulli", "gaussian", "gaussian_learned"], default="bernoulli")
-    p.add_argument("--binarize", choices=["dynamic", "threshold", "none"], default="dynamic",
-                   help="for bernoulli: resample binary images each epoch (dynamic), threshold at 0.5, or none")
-    p.add_argument("--objective", choices=["analytic", "monte_carlo", "iwae"], default="analytic",
-                   help="SGVB-B (analytic KL), SGVB-A (Monte Carlo), or the IWAE bound")
-    p.add_argument("--samples", type=int, default=1, help="L: latent samples per example (k for iwae)")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
-    p.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up from 0 to beta")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out")
-    p.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the labels")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="bf16 autocast (CPU or GPU), fp16 autocast with gradient scaling (GPU only)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that exceeds this budget")
-    p.add_argument("--device", default="cpu")
+    from .config import TrainConfig
+
+    p = sub.add_parser("train", help="train a VAE (default: the embedded 8x8 digits, under a minute)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_options(p, TrainConfig)
+    p.add_argument("--hidden", type=_int_list, default=None,
+                   help="hidden widths for mlp, e.g. 200,200 (sets arch_config's hidden)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (runs this command under torchrun)")

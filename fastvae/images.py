@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .data import one_hot
+from .metrics import METRICS_NAME
+
 PAD_VALUE = 1.0  # white borders separate the dark backgrounds of MNIST-like images
 X_COLUMNS = ("epoch", "step")
 
@@ -194,3 +197,33 @@ def _plot_with_pillow(x_name: str, x, series: dict, png_path: Path, size=(700, 4
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
         draw.text((left + 10, top + 5 + 14 * i), name, fill=colour)
     image.save(png_path, format="PNG")
+
+
+def image_scale(shape) -> int:
+    """Nearest-neighbour upscaling so that small images (8x8 digits) are visible in PNGs."""
+    return max(1, 64 // max(shape[-1], 1))
+
+
+def write_pictures(model, dataset, out_dir: Path, num_samples: int = 64, seed: int = 0) -> dict:
+    """samples.png (one row per class for a conditional model), reconstructions.png, loss.png."""
+    out_dir = Path(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    scale = image_scale(model.input_shape)
+    written = {}
+    if model.condition_dim:
+        per_class = 8
+        samples = model.sample_per_class(per_class, generator=generator)
+        written["samples"] = save_image_grid(samples, out_dir / "samples.png", nrow=per_class, scale=scale)
+    else:
+        samples = model.sample(num_samples, generator=generator)
+        written["samples"] = save_image_grid(samples, out_dir / "samples.png", scale=scale)
+    count = min(32, len(dataset))
+    x = dataset.images[:count]
+    condition = one_hot(dataset.labels[:count], model.condition_dim) if model.condition_dim else None
+    written["reconstructions"] = save_reconstruction_grid(
+        x, model.reconstruct(x, condition), out_dir / "reconstructions.png", scale=scale
+    )
+    metrics = out_dir / METRICS_NAME
+    if metrics.exists():
+        written["loss"] = plot_metrics(metrics, out_dir / "loss.png")
+    return written

@@ -10,11 +10,9 @@ non-finite loss or gradient, names the term, and leaves the last good checkpoint
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,116 +20,16 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import distributed
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .config import OPTIMIZERS, TrainConfig
 from .evaluate import evaluate
-from .model import OBJECTIVES, VAE
-
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.csv"
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
-PRECISIONS = ("fp32", "bf16", "fp16")
+from .images import write_pictures
+from .metrics import METRICS_NAME, append_metrics, truncate_metrics
+from .model import VAE
 
 
 class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN or infinite; the message says which and where."""
-
-
-@dataclass
-class TrainConfig:
-    data: str = "digits"
-    out_dir: str = "runs/fastvae"
-    encoder: str = "mlp"
-    decoder: str | None = None
-    arch_config: dict = field(default_factory=dict)  # keyword configuration for encoder and decoder
-    latent_dim: int = 8
-    likelihood: str = "bernoulli"
-    binarize: str = "dynamic"  # "dynamic" (resampled each epoch), "threshold" or "none"
-    objective: str = "analytic"
-    num_samples: int = 1
-    beta: float = 1.0
-    warmup_epochs: float = 0.0  # linear KL warm-up from 0 to beta
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    batch_size: int = 100
-    epochs: int = 10
-    seed: int = 0
-    val_fraction: float = 0.1
-    conditional: bool = False
-    precision: str = "fp32"
-    max_minutes: float | None = None  # stop after the epoch that crosses this budget
-    device: str = "cpu"
-
-    def validate(self) -> None:
-        checks = [
-            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (self.precision != "fp16" or self.device.startswith("cuda"),
-             "precision fp16 needs a CUDA device (--device cuda); on CPU use bf16"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.binarize in ("dynamic", "threshold", "none"),
-             f"binarize must be dynamic, threshold or none, got {self.binarize!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def binarize_mode(self) -> str:
-        """The binarization the data actually gets: only a Bernoulli likelihood needs binary data."""
-        return self.binarize if self.likelihood == "bernoulli" else "none"
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-# ----------------------------------------------------------------------
-# Checkpoints: plain tensors and values only, so torch.load(weights_only=True) reads them.
-# ----------------------------------------------------------------------
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename, so a kill never leaves a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, foreign formats
-        raise ValueError(f"{path} is not a readable fastvae checkpoint: {exc}") from exc
-    missing = {"model", "model_config", "train_config", "epoch"} - set(state if isinstance(state, dict) else ())
-    if missing:
-        raise ValueError(f"{path} is not a fastvae checkpoint (missing {sorted(missing)})")
-    return state
-
-
-def load_model(path) -> tuple[VAE, dict]:
-    """Rebuild a model from a checkpoint alone; returns (model, checkpoint)."""
-    state = load_checkpoint(path)
-    model = VAE.from_config(state["model_config"])
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, state
-
-
-def read_metrics(path) -> list[dict]:
-    """The metrics CSV as a list of {column: float} rows."""
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------
@@ -201,25 +99,8 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         if self.world.is_main:
-            self._truncate_metrics(self.epoch)
+            truncate_metrics(self.metrics_path, self.epoch)
         self.world.barrier()
-
-    def _truncate_metrics(self, epoch: int) -> None:
-        """Drop metric rows of epochs after the checkpoint (a killed run may have written them)."""
-        if not self.metrics_path.exists():
-            return
-        rows = [row for row in read_metrics(self.metrics_path) if row["epoch"] <= epoch]
-        self.metrics_path.unlink()
-        for row in rows:
-            self._append_metrics(row)
-
-    def _append_metrics(self, row: dict) -> None:
-        new = not self.metrics_path.exists()
-        with open(self.metrics_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
 
     # -- the loop -------------------------------------------------------
     def _precision(self):
@@ -367,7 +248,7 @@ class Trainer:
             self.epoch = epoch
             if self.world.is_main:  # one writer: checkpoint and metrics exist once
                 save_checkpoint(self.checkpoint_path, self.state())
-                self._append_metrics(row)
+                append_metrics(self.metrics_path, row)
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             self.world.barrier()
             history.append(row)
@@ -391,38 +272,6 @@ def split_validation(dataset, fraction: float):
         return data_lib.ImageDataset(dataset.images[sl], labels, dataset.num_classes, dataset.name)
 
     return part(slice(0, cut)), part(slice(cut, None))
-
-
-def image_scale(shape) -> int:
-    """Nearest-neighbour upscaling so that small images (8x8 digits) are visible in PNGs."""
-    return max(1, 64 // max(shape[-1], 1))
-
-
-def write_pictures(model: VAE, dataset, out_dir: Path, num_samples: int = 64, seed: int = 0) -> dict:
-    """samples.png (one row per class for a conditional model), reconstructions.png, loss.png."""
-    from . import images
-
-    out_dir = Path(out_dir)
-    generator = torch.Generator().manual_seed(seed)
-    scale = image_scale(model.input_shape)
-    written = {}
-    if model.condition_dim:
-        per_class = 8
-        samples = model.sample_per_class(per_class, generator=generator)
-        written["samples"] = images.save_image_grid(samples, out_dir / "samples.png", nrow=per_class, scale=scale)
-    else:
-        samples = model.sample(num_samples, generator=generator)
-        written["samples"] = images.save_image_grid(samples, out_dir / "samples.png", scale=scale)
-    count = min(32, len(dataset))
-    x = dataset.images[:count]
-    condition = data_lib.one_hot(dataset.labels[:count], model.condition_dim) if model.condition_dim else None
-    written["reconstructions"] = images.save_reconstruction_grid(
-        x, model.reconstruct(x, condition), out_dir / "reconstructions.png", scale=scale
-    )
-    metrics = out_dir / METRICS_NAME
-    if metrics.exists():
-        written["loss"] = images.plot_metrics(metrics, out_dir / "loss.png")
-    return written
 
 
 def train(config: TrainConfig, resume: bool = False) -> tuple[Trainer, list[dict]]:

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from fastvae.train import load_checkpoint, read_metrics
+from fastvae.checkpoint import load_checkpoint
+from fastvae.metrics import read_metrics
 
 ARGS = ["--epochs", "2", "--hidden", "64", "--latent-dim", "4", "--batch-size", "64", "--seed", "3", "--lr", "3e-3"]
 

@@ -7,17 +7,10 @@ import torch
 from PIL import Image
 
 from fastvae import data as data_lib
-from fastvae.train import (
-    CHECKPOINT_NAME,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    load_checkpoint,
-    load_model,
-    read_metrics,
-    split_validation,
-    train,
-)
+from fastvae.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
+from fastvae.config import TrainConfig
+from fastvae.metrics import read_metrics
+from fastvae.train import Trainer, TrainingDiverged, split_validation, train
 
 
 def small_config(tmp_path, **overrides):
@@ -69,6 +62,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, digits):
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     a, b = read_metrics(straight.metrics_path), read_metrics(resumed.metrics_path)
     assert [r["train_elbo"] for r in a] == [r["train_elbo"] for r in b]
+    # The rows kept across the resume are rewritten as they were: "2" stays "2", not "2.0".
+    epochs = [line.split(",")[0] for line in resumed.metrics_path.read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3", "4"]
 
 
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, digits):
