@@ -199,10 +199,11 @@ def add_config_options(parser, config_class) -> None:
         else:
             parse = meta.get("parse")
             kwargs["type"] = parsers.get(parse, parse) or (type(default) if default is not None else str)
-            kwargs["metavar"] = flag[2:].replace("-", "_").upper()
             choices = meta.get("choices")
-            if choices is not None:
+            if choices is not None:  # argparse then shows {a,b,c} in the usage and the help
                 kwargs["choices"] = choices() if callable(choices) else choices
+            else:
+                kwargs["metavar"] = flag[2:].replace("-", "_").upper()
         parser.add_argument(flag, **kwargs)
 
 
