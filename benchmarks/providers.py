@@ -20,7 +20,9 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 from fastvae.bench import eager_bernoulli as bernoulli_eager
 from fastvae.bench import eager_latent as latent_eager
 from fastvae.bench import fused_bernoulli as bernoulli_fastvae
+from fastvae.bench import NOISE_SIZES  # noqa: F401  (the sizes of the normal_ comparison)
 from fastvae.bench import fused_latent as latent_fastvae
+from fastvae.bench import normal_fill  # noqa: F401
 from fastvae.bench import run_mode  # noqa: F401  (the benchmark files take it from here)
 
 

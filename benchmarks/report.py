@@ -50,7 +50,8 @@ def main(argv):
     data, groups = load(argv[1])
     machine = data.get("machine_info", {})
     print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} cores; "
-          f"date {data.get('datetime', '?')}\n")
+          f"date {data.get('datetime', '?')}")
+    print(f"{machine.get('fastvae', 'fastvae kernel level not recorded')}\n")
     print(table(groups))
 
 

@@ -12,7 +12,7 @@ report.py derives GB/s beside a plain torch.add on the same run.
 import pytest
 import torch
 
-from providers import BERNOULLI, FLOAT_BYTES, LATENT, bernoulli_bytes, latent_bytes, run_mode
+from providers import BERNOULLI, FLOAT_BYTES, LATENT, NOISE_SIZES, bernoulli_bytes, latent_bytes, normal_fill, run_mode
 
 LATENT_SIZES = [(128, 32), (512, 64), (4096, 256)]
 SAMPLES = [None, 5]
@@ -44,6 +44,20 @@ def test_latent_forward_eps_given(benchmark, size):
     benchmark.group = f"latent forward B={batch} D={dim} L=1"
     benchmark.extra_info["bytes"] = 4 * batch * dim * FLOAT_BYTES  # mu, logvar, eps in; z out
     benchmark(lambda: fastvae.latent_terms(mu, logvar, eps=eps))
+
+
+@pytest.mark.parametrize("size", NOISE_SIZES, ids=lambda s: f"B={s[0]},D={s[1]}")
+@pytest.mark.parametrize("provider", ["fastvae", "normal_"])
+def test_latent_forward_vs_normal(benchmark, provider, size):
+    """The fused forward (noise drawn in the kernel) against Tensor.normal_ filling as many elements."""
+    batch, dim = size
+    torch.manual_seed(0)
+    benchmark.group = f"noise: latent forward vs normal_ B={batch} D={dim}"
+    if provider == "fastvae":
+        mu, logvar = torch.randn(batch, dim), 0.1 * torch.randn(batch, dim)
+        benchmark(run_mode(LATENT["fastvae"], (mu, logvar), "forward"))
+    else:
+        benchmark(run_mode(normal_fill, (torch.empty(batch, dim),), "forward"))
 
 
 LIKELIHOOD_SIZES = [(128, 784), (1024, 784)]

@@ -16,7 +16,7 @@
 #include <cstring>
 
 // Every function here is forced inline. The CPU loops that call them are
-// compiled once per ISA level (csrc/cpu/cpu_loops.h, FASTVAE_MULTIVERSION); a
+// compiled once per ISA level (csrc/cpu/cpu_level.h, run_at_cpu_level); a
 // copy left out of line by GCC's inlining budget is compiled for the baseline
 // ISA and stops the loop from vectorizing (the noise generator ran 3-6x slower
 // when that happened). On the device nvcc treats it as __forceinline__.

@@ -7,6 +7,7 @@
 // whole fused forward costs less than a few Python-level steps:
 //   draw_cpu_seed(generator=None) -> int
 //   latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl) -> (z, kl, log_q, log_p)
+// and cpu_level() -> str, the x86-64 level the float32 CPU loops run at (csrc/cpu/cpu_level.h).
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/TransformationHelper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -16,6 +17,8 @@
 #include <torch/csrc/utils/python_numbers.h>
 
 #include <mutex>
+
+#include "cpu/cpu_level.h"
 
 namespace {
 
@@ -88,11 +91,19 @@ PyCFunction fastcall() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
 }
 
+PyObject* cpu_level(PyObject* /*module*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  return PyUnicode_FromString(fastvae::cpu::cpu_level_name(fastvae::cpu::cpu_level()));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"draw_cpu_seed", fastcall<draw_cpu_seed>(), METH_FASTCALL,
      "draw_cpu_seed(generator=None) -> int: a Philox seed drawn from a CPU torch.Generator"},
     {"latent_terms_cpu_seed", fastcall<latent_terms_cpu_seed>(), METH_FASTCALL,
      "latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl) -> (z, kl, log_q, log_p)"},
+    {"cpu_level", cpu_level, METH_NOARGS,
+     "cpu_level() -> str: the level the float32 CPU loops run at: avx512, avx2 or baseline (FASTVAE_CPU_LEVEL)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,14 +1,18 @@
 """`fastvae bench`: a quick, self-contained check of the fused ops' speed-up on your machine.
 
 It times the latent op and the Bernoulli likelihood (forward+backward) against the
-same math in eager PyTorch, interleaving the providers so machine noise hits both,
-and prints medians and ratios. The full suite with torch.compile and
-torch.distributions is in benchmarks/ (pytest-benchmark).
+same math in eager PyTorch, and the latent forward (noise drawn in the kernel)
+against `Tensor.normal_` filling the same number of elements, interleaving the
+providers so machine noise hits both, and prints medians and ratios together with
+the CPU and the instruction-set level the kernels ran at. The full suite with
+torch.compile and torch.distributions is in benchmarks/ (pytest-benchmark).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import platform
 import statistics
 import time
 
@@ -32,6 +36,11 @@ def eager_latent(mu, logvar, num_samples=None):
 
 # fastvae's provider is the public function itself; its LatentTerms is a (z, kl, log_q, log_p) tuple.
 fused_latent = ops.latent_terms
+
+
+def normal_fill(out):
+    """torch's own standard-normal draw into an existing tensor: what the fused forward's noise is compared with."""
+    return out.normal_()
 
 
 def eager_bernoulli(logits, x):
@@ -73,8 +82,12 @@ def run_mode(fn, inputs, mode, sync=None):
     return timed
 
 
-def _median_seconds(step, budget: float) -> float:
-    """Median time of `step`, in batches of calls sized to ~1 ms, within `budget` seconds."""
+def _median_seconds(step, budget: float, clock=time.perf_counter) -> float:
+    """Median time of `step`, in batches of calls sized to ~1 ms, within `budget` seconds (wall clock).
+
+    `clock` measures each batch: wall time by default; time.thread_time gives the CPU time of a
+    single-threaded step, which other processes on a busy machine do not inflate.
+    """
     step()
     start = time.perf_counter()
     step()
@@ -83,42 +96,87 @@ def _median_seconds(step, budget: float) -> float:
     samples = []
     deadline = time.perf_counter() + budget
     while time.perf_counter() < deadline or len(samples) < 5:
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             step()
-        samples.append((time.perf_counter() - start) / calls)
+        samples.append((clock() - start) / calls)
     return statistics.median(samples)
 
 
-def compare(name: str, fused, eager, inputs, budget: float) -> tuple[str, float, float]:
-    """Times both providers in alternating slices and returns (name, fused s, eager s)."""
-    fused_step = run_mode(fused, inputs, "forward+backward")
-    eager_step = run_mode(eager, inputs, "forward+backward")
-    fused_times, eager_times = [], []
+def compare(name: str, fused, other, inputs, budget: float, mode: str = "forward+backward",
+            other_inputs=None, clock=time.perf_counter) -> tuple[str, float, float]:
+    """Times both providers in alternating slices and returns (name, fused s, other s).
+
+    `other` runs on `other_inputs` when given (normal_ fills its own tensor); `clock` as in _median_seconds.
+    """
+    fused_step = run_mode(fused, inputs, mode)
+    other_step = run_mode(other, inputs if other_inputs is None else other_inputs, mode)
+    fused_times, other_times = [], []
     for _ in range(3):
-        fused_times.append(_median_seconds(fused_step, budget / 6))
-        eager_times.append(_median_seconds(eager_step, budget / 6))
-    return name, min(fused_times), min(eager_times)
+        fused_times.append(_median_seconds(fused_step, budget / 6, clock))
+        other_times.append(_median_seconds(other_step, budget / 6, clock))
+    return name, min(fused_times), min(other_times)
 
 
-def run(budget_per_case: float = 1.5) -> list[tuple[str, float, float]]:
+def run(budget_per_case: float = 1.5, clock=time.perf_counter, latent_only: bool = False) -> list[tuple[str, float, float]]:
+    """Every case of `fastvae bench` (latent_only: without the Bernoulli ones), as (name, fastvae s, other s)."""
     torch.manual_seed(0)
     rows = []
     for batch, dim in [(128, 32), (512, 64), (4096, 256)]:
         mu = torch.randn(batch, dim, requires_grad=True)
         logvar = (0.1 * torch.randn(batch, dim)).requires_grad_()
         rows.append(compare(f"latent fwd+bwd B={batch} D={dim}", fused_latent, eager_latent, (mu, logvar),
-                            budget_per_case))
-    for batch in [128, 1024]:
+                            budget_per_case, clock=clock))
+    for batch in [] if latent_only else [128, 1024]:
         logits = torch.randn(batch, 784, requires_grad=True)
         x = torch.bernoulli(torch.full((batch, 784), 0.3))
         rows.append(compare(f"bernoulli fwd+bwd B={batch} P=784", fused_bernoulli, eager_bernoulli, (logits, x),
-                            budget_per_case))
+                            budget_per_case, clock=clock))
+    for batch, dim in NOISE_SIZES:
+        mu, logvar = torch.randn(batch, dim), 0.1 * torch.randn(batch, dim)
+        rows.append(compare(f"latent fwd vs normal_ B={batch} D={dim}", fused_latent, normal_fill, (mu, logvar),
+                            budget_per_case, mode="forward", other_inputs=(torch.empty(batch, dim),), clock=clock))
     return rows
 
 
+# The latent forward with in-kernel noise against Tensor.normal_ on as many elements.
+NOISE_SIZES = [(4096, 256), (65536, 64)]
+
+
 def format_rows(rows) -> str:
-    lines = [f"{'case':36s} {'fastvae (us)':>13s} {'eager (us)':>11s} {'speed-up':>9s}"]
-    for name, fused, eager in rows:
-        lines.append(f"{name:36s} {fused * 1e6:13.1f} {eager * 1e6:11.1f} {eager / fused:8.2f}x")
+    """The table: each case's fastvae time, the other provider's (eager, or normal_), and their ratio."""
+    lines = [f"{'case':40s} {'fastvae (us)':>13s} {'other (us)':>11s} {'speed-up':>9s}"]
+    for name, fused, other in rows:
+        lines.append(f"{name:40s} {fused * 1e6:13.1f} {other * 1e6:11.1f} {other / fused:8.2f}x")
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's best guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_cpu_level() -> str:
+    """The instruction-set level fastvae's float32 CPU kernels run at (FASTVAE_CPU_LEVEL picks one)."""
+    if ops.backend() != "cpp":
+        return "none (pure-PyTorch fallback)"
+    from . import _C
+
+    try:
+        level = _C.cpu_level()
+    except RuntimeError as exc:  # a bad FASTVAE_CPU_LEVEL
+        return f"error: {exc}"
+    return f"{level} (FASTVAE_CPU_LEVEL={os.environ.get('FASTVAE_CPU_LEVEL', 'auto')})"
+
+
+def machine_description() -> str:
+    """What a benchmark number depends on: the CPU, its core count, and the ISA level of both libraries."""
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
+            f"fastvae kernels {kernel_cpu_level()}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")

@@ -23,8 +23,9 @@ def cmd_info(args) -> int:
     print(f"fastvae {__version__}")
     print(f"backend: {ops.backend()} (CUDA kernels built: {ops.cuda_kernels_built()})")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; GPU available: {torch.cuda.is_available()})")
-    print(f"CPU: {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from .bench import machine_description
+
+    print(machine_description())
     print(f"python {platform.python_version()}")
     return 0
 
@@ -32,7 +33,9 @@ def cmd_info(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
-    print(f"fastvae bench: fused ops vs eager PyTorch, forward+backward, float32, {torch.get_num_threads()} threads")
+    print("fastvae bench: fused ops vs eager PyTorch (forward+backward) and the latent forward vs Tensor.normal_, "
+          "float32")
+    print(bench.machine_description())
     print(bench.format_rows(bench.run(budget_per_case=args.seconds)))
     return 0
 

@@ -13,12 +13,15 @@ def test_info_reports_backend_and_build():
     assert result.returncode == 0, result.stderr
     assert "backend: cpp" in result.stdout or "backend: reference" in result.stdout
     assert "torch" in result.stdout
+    assert "CPU: " in result.stdout and "fastvae kernels " in result.stdout
 
 
 def test_bench_prints_ratios():
     result = run_cli("bench", "--seconds", "0.05")
     assert result.returncode == 0, result.stderr
     assert "latent fwd+bwd B=128 D=32" in result.stdout and "x" in result.stdout
+    assert "latent fwd vs normal_ B=4096 D=256" in result.stdout
+    assert "CPU: " in result.stdout and "fastvae kernels " in result.stdout  # the machine every number depends on
 
 
 def test_bad_arguments_give_one_line_and_nonzero_exit():

@@ -1,5 +1,5 @@
 // cpu_loops.h: helpers the CPU loops share (parallel row splitting, noise
-// buffers, per-ISA compilation of the hot loops).
+// buffers). Per-ISA compilation of the hot loops is in cpu_level.h.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -7,15 +7,7 @@
 #include <algorithm>
 
 #include "../fastvae.h"
-
-// The float32 hot loops are compiled once per x86-64 level (AVX-512, AVX2,
-// baseline) and the loader picks the best one for the running CPU, so a
-// wheel built here is still safe on an older machine.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTVAE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTVAE_MULTIVERSION
-#endif
+#include "cpu_level.h"
 
 namespace fastvae {
 namespace cpu {
@@ -39,21 +31,16 @@ inline void parallel_rows(int64_t rows, int64_t row_len, int64_t min_elements_pe
   at::parallel_for(0, rows, grain, f);
 }
 
+// Room for the normals draw_normals writes: a span of kNoiseChunk, up to 3
+// leading normals of its first Philox block, and the vector paths' rounding up
+// to whole groups of 16 blocks.
+constexpr int64_t kNoiseBufferFloats = kNoiseChunk + 64;
+
 // Writes the standard normals of sample `sample`, within-sample indices
 // [first, first+count) (count <= kNoiseChunk), into `buf`, which must hold
-// kNoiseChunk + 8 floats, and returns the pointer to the normal of index `first`.
-// Forced inline for the reason given in fastvae.h.
-__attribute__((always_inline)) inline const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample,
-                                                                int64_t first, int64_t count, float* buf) {
-  const int64_t first_block = first / 4;
-  const int64_t end_block = (first + count + 3) / 4;
-#pragma omp simd
-  for (int64_t block = first_block; block < end_block; ++block) {
-    float* out = buf + 4 * (block - first_block);
-    normal4(seed, offset, noise_block(static_cast<uint64_t>(sample), static_cast<uint64_t>(block)), out);
-  }
-  return buf + (first - 4 * first_block);
-}
+// kNoiseBufferFloats floats, and returns the pointer to the normal of index
+// `first`. The same numbers at every CPU level (csrc/cpu/noise.cpp).
+const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample, int64_t first, int64_t count, float* buf);
 
 }  // namespace cpu
 }  // namespace fastvae

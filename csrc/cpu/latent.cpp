@@ -87,7 +87,7 @@ __attribute__((always_inline)) inline void store_row_results(const LatentForward
 template <typename T>
 __attribute__((always_inline)) inline void latent_forward_rows(const LatentForwardArgs<T>& a, int64_t begin,
                                                                int64_t end) {
-  float fbuf[kNoiseChunk + 8];
+  float fbuf[kNoiseBufferFloats];
   T tbuf[std::is_same_v<T, float> ? 1 : kNoiseChunk];
   const int64_t D = a.dim;
   LatentRowSums<T> sums;
@@ -172,16 +172,24 @@ __attribute__((always_inline)) inline void latent_backward_rows(const LatentBack
   }
 }
 
-// float32 entry points, one clone per ISA level; float64 uses the plain template.
-FASTVAE_MULTIVERSION void latent_forward_rows_f32(const LatentForwardArgs<float>& a, int64_t begin, int64_t end) {
-  latent_forward_rows<float>(a, begin, end);
+// float32 runs at the process's CPU level (cpu_level.h); float64 uses the plain template.
+struct LatentForwardF32 {
+  __attribute__((always_inline)) void operator()(const LatentForwardArgs<float>& a, int64_t begin, int64_t end) const {
+    latent_forward_rows<float>(a, begin, end);
+  }
+};
+struct LatentBackwardF32 {
+  __attribute__((always_inline)) void operator()(const LatentBackwardArgs<float>& a, int64_t begin, int64_t end) const {
+    latent_backward_rows<float>(a, begin, end);
+  }
+};
+void run_rows(const LatentForwardArgs<float>& a, int64_t begin, int64_t end) {
+  run_at_cpu_level<LatentForwardF32>(a, begin, end);
 }
-FASTVAE_MULTIVERSION void latent_backward_rows_f32(const LatentBackwardArgs<float>& a, int64_t begin, int64_t end) {
-  latent_backward_rows<float>(a, begin, end);
-}
-void run_rows(const LatentForwardArgs<float>& a, int64_t begin, int64_t end) { latent_forward_rows_f32(a, begin, end); }
 void run_rows(const LatentForwardArgs<double>& a, int64_t begin, int64_t end) { latent_forward_rows<double>(a, begin, end); }
-void run_rows(const LatentBackwardArgs<float>& a, int64_t begin, int64_t end) { latent_backward_rows_f32(a, begin, end); }
+void run_rows(const LatentBackwardArgs<float>& a, int64_t begin, int64_t end) {
+  run_at_cpu_level<LatentBackwardF32>(a, begin, end);
+}
 void run_rows(const LatentBackwardArgs<double>& a, int64_t begin, int64_t end) {
   latent_backward_rows<double>(a, begin, end);
 }
@@ -193,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at
                                                                       int64_t offset, int64_t row_offset,
                                                                       bool /*stl*/) {
   const LatentForwardIO io = prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset);
+  cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
   AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms", [&] {
     const auto args = io.args<scalar_t>();
     const int64_t per_task = io.eps.has_value() ? kElementsPerTask : kNoiseElementsPerTask;
@@ -207,6 +216,7 @@ std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
     const c10::optional<at::Tensor>& grad_log_q, const c10::optional<at::Tensor>& grad_log_p, const at::Tensor& z,
     const at::Tensor& mu, const at::Tensor& logvar, bool stl) {
   const LatentBackwardIO io = prepare_latent_backward(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar, stl);
+  cpu_level();
   AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms_backward", [&] {
     const auto args = io.args<scalar_t>();
     parallel_rows(io.batch, io.samples * io.dim, kElementsPerTask,

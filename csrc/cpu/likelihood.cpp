@@ -112,10 +112,13 @@ __attribute__((always_inline)) inline void run_kind(const LikelihoodArgs<T>& a, 
   if constexpr (kKind == Kind::kGaussianBackward) gaussian_backward_examples(a, begin, end);
 }
 
+// float32 runs at the process's CPU level (cpu_level.h).
 template <Kind kKind>
-FASTVAE_MULTIVERSION void run_f32(const LikelihoodArgs<float>& a, int64_t begin, int64_t end) {
-  run_kind<kKind, float>(a, begin, end);
-}
+struct RunF32 {
+  __attribute__((always_inline)) void operator()(const LikelihoodArgs<float>& a, int64_t begin, int64_t end) const {
+    run_kind<kKind, float>(a, begin, end);
+  }
+};
 
 template <Kind kKind, typename T>
 void run(const LikelihoodArgs<T>& a) {
@@ -123,10 +126,11 @@ void run(const LikelihoodArgs<T>& a) {
   // Forward splits rows; backward splits examples (each owns its grad_x row).
   const int64_t units = backward ? a.batch : a.rows;
   if (units == 0) return;
+  cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
   const int64_t unit_len = backward ? (a.rows / std::max<int64_t>(a.batch, 1)) * a.pixels : a.pixels;
   parallel_rows(units, unit_len, kElementsPerTask, [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<T, float>) {
-      run_f32<kKind>(a, begin, end);
+      run_at_cpu_level<RunF32<kKind>>(a, begin, end);
     } else {
       run_kind<kKind, T>(a, begin, end);
     }
