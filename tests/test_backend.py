@@ -42,3 +42,25 @@ def test_fallback_draws_the_same_noise_as_the_extension():
     ref = reference.latent_terms(mu, logvar, None, 2, 77, row_offset=0)
     for got, want in zip(fused, ref):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+FUSED_OPS = (
+    "latent_terms",
+    "latent_terms_from_generator",
+    "latent_terms_backward",
+    "bernoulli_log_prob",
+    "bernoulli_log_prob_backward",
+    "gaussian_log_prob",
+    "gaussian_log_prob_backward",
+)
+
+
+def test_cuda_kernels_registered_when_built():
+    """Runs without a GPU: a CUDA build of the extension must register every op for CUDA."""
+    if not fastvae.cuda_kernels_built():
+        pytest.skip(f"the installed fastvae extension has no CUDA kernels (backend: {fastvae.backend()})")
+    import torch
+
+    for op in FUSED_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvae::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvae::{op}", "CPU"), op
