@@ -377,14 +377,20 @@ def _flatten_pair(params: Tensor, x: Tensor, name: str) -> tuple[Tensor, Tensor]
     return flat_params, flat_x
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether t's CUDA stream is being captured into a CUDA graph (reading values would fail)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = True) -> Tensor:
     """sum over pixels of log Bernoulli(x | sigmoid(logits)), per row: (B,) or (L, B).
 
     x must lie in [0, 1] (binary data, or intensities for the continuous relaxation);
-    check_range=False skips that check (one pass over x).
+    check_range=False skips that check (one pass over x). It is skipped under torch.compile
+    and while a CUDA graph is being captured, where no value can be read back.
     """
     params, flat_x = _flatten_pair(logits, x, "logits")
-    if check_range and flat_x.numel() and not torch.compiler.is_compiling():
+    if check_range and flat_x.numel() and not torch.compiler.is_compiling() and not _capturing(flat_x):
         low, high = torch.aminmax(flat_x.detach())
         if not (0.0 <= float(low) and float(high) <= 1.0):
             raise ValueError(

@@ -239,3 +239,21 @@ def test_cpu_and_cuda_tensors_mixed_raise(device):
         torch.ops.fastvae.bernoulli_log_prob_backward(torch.zeros(3), logits, x, False)
     with pytest.raises(RuntimeError, match="same device|is on"):
         fastvae.gaussian_log_likelihood(logits, x.cpu(), -1.0)
+
+
+@requires_cpp
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_graph_capture_skips_the_range_check(device):
+    # The [0, 1] check reads values back, which a capture forbids; a captured call must work.
+    logits, x = data(batch=4, pixels=9, dtype=torch.float32, device=device)
+    x = x.round()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fastvae.bernoulli_log_likelihood(logits, x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fastvae.bernoulli_log_likelihood(logits, x)
+    graph.replay()
+    torch.testing.assert_close(out, fastvae.bernoulli_log_likelihood(logits, x))
