@@ -2,6 +2,9 @@
 
 fastvae: fastvae.model.VAE on the fused ops, stepped by fastvae.train.Trainer's own step code.
 plain:   benchmarks/plain_vae.py, the canonical PyTorch example's model and loss.
+model-eager / model-compile: fastvae.model.VAE stepped by a plain loop (loss, backward,
+         Adam), eagerly and as torch.compile(model, fullgraph=True); the noise is drawn
+         from torch's default generator inside the compiled graph, no seed passed.
 Both see the same dynamically binarized MNIST minibatches (or random binary images when
 ../shared/data/mnist is absent). Examples per second = 100 / median step time.
 """
@@ -14,6 +17,7 @@ import torch
 
 from fastvae import data as data_lib
 from fastvae.config import TrainConfig
+from fastvae.model import VAE
 from fastvae.train import Trainer
 from plain_vae import PlainVAE, plain_loss
 
@@ -66,10 +70,35 @@ def plain_step():
     return step
 
 
-@pytest.mark.parametrize("provider", ["fastvae", "plain"])
+def model_step(compile_model: bool):
+    torch.manual_seed(0)
+    model = VAE((1, 28, 28), latent_dim=50, encoder="mlp", encoder_config={"hidden": [200, 200]},
+                decoder_config={"hidden": [200, 200]})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    forward = torch.compile(model, fullgraph=True) if compile_model else model
+    batches = Cycle(minibatches())
+
+    def step():
+        loss = forward(batches.next()).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+STEPS = {
+    "fastvae": None,  # needs tmp_path, built in the test
+    "plain": plain_step,
+    "model-eager": lambda: model_step(False),
+    "model-compile": lambda: model_step(True),
+}
+
+
+@pytest.mark.parametrize("provider", list(STEPS))
 def test_training_step(benchmark, provider, tmp_path):
-    step = fastvae_step(tmp_path) if provider == "fastvae" else plain_step()
-    for _ in range(5):
+    step = fastvae_step(tmp_path) if provider == "fastvae" else STEPS[provider]()
+    for _ in range(5):  # (the compiled model compiles its forward and backward here)
         step()
     benchmark.group = "train step MLP 784-200-200-50 B=100"
     benchmark.extra_info["examples"] = BATCH

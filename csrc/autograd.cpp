@@ -57,6 +57,35 @@ using TwoParamSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&
 using TwoParamBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                const optional<Tensor>&, double, bool);
 
+using LatentFromGeneratorSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                                          optional<int64_t>, const optional<at::Generator>&,
+                                                                          int64_t, bool);
+
+// What both latent ops save and how their gradient flows (the noise is data either way).
+// eps is not saved: std*eps = z - mu (DESIGN.md section 1).
+variable_list save_latent_outputs(AutogradContext* ctx, std::tuple<Tensor, Tensor, Tensor, Tensor> out,
+                                  const Tensor& mu, const Tensor& logvar, bool stl) {
+  auto& [z, kl, log_q, log_p] = out;
+  ctx->save_for_backward({z, mu, logvar});
+  ctx->saved_data["stl"] = stl;
+  ctx->set_materialize_grads(false);
+  return {z, kl, log_q, log_p};
+}
+
+// grad_mu, grad_logvar, then `no_grad_inputs` undefined gradients for the other inputs.
+variable_list latent_backward(AutogradContext* ctx, const variable_list& grads, size_t no_grad_inputs) {
+  static const auto op = find_op<LatentBackwardSig>("fastvae::latent_terms_backward");
+  const auto saved = ctx->get_saved_variables();
+  BelowAutogradUnlessDoubleBackward guard;
+  auto [grad_mu, grad_logvar] =
+      op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]),
+              defined_or_none(grads[3]), saved[0], saved[1], saved[2], ctx->saved_data["stl"].toBool());
+  variable_list result(2 + no_grad_inputs);
+  result[0] = grad_mu;
+  result[1] = grad_logvar;
+  return result;
+}
+
 class LatentTerms : public torch::autograd::Function<LatentTerms> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar,
@@ -64,23 +93,28 @@ class LatentTerms : public torch::autograd::Function<LatentTerms> {
                                int64_t offset, int64_t row_offset, bool stl) {
     static const auto op = find_op<LatentSig>("fastvae::latent_terms");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [z, kl, log_q, log_p] = op.call(mu, logvar, eps, num_samples, seed, offset, row_offset, stl);
-    // eps is not saved: std*eps = z - mu (DESIGN.md section 1).
-    ctx->save_for_backward({z, mu, logvar});
-    ctx->saved_data["stl"] = stl;
-    ctx->set_materialize_grads(false);
-    return {z, kl, log_q, log_p};
+    return save_latent_outputs(ctx, op.call(mu, logvar, eps, num_samples, seed, offset, row_offset, stl), mu,
+                               logvar, stl);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<LatentBackwardSig>("fastvae::latent_terms_backward");
-    const auto saved = ctx->get_saved_variables();
-    BelowAutogradUnlessDoubleBackward guard;
-    auto [grad_mu, grad_logvar] =
-        op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]),
-                defined_or_none(grads[3]), saved[0], saved[1], saved[2], ctx->saved_data["stl"].toBool());
-    // eps is treated as data: no gradient flows to it.
-    return {grad_mu, grad_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return latent_backward(ctx, grads, /*eps, num_samples, seed, offset, row_offset, stl*/ 6);
+  }
+};
+
+class LatentTermsFromGenerator : public torch::autograd::Function<LatentTermsFromGenerator> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar,
+                               optional<int64_t> num_samples, const optional<at::Generator>& generator,
+                               int64_t row_offset, bool stl) {
+    static const auto op = find_op<LatentFromGeneratorSig>("fastvae::latent_terms_from_generator");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return save_latent_outputs(ctx, op.call(mu, logvar, num_samples, generator, row_offset, stl), mu, logvar,
+                               stl);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return latent_backward(ctx, grads, /*num_samples, generator, row_offset, stl*/ 4);
   }
 };
 
@@ -145,6 +179,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> latent_terms_autograd(const Tensor& m
   return {out[0], out[1], out[2], out[3]};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> latent_terms_from_generator_autograd(
+    const Tensor& mu, const Tensor& logvar, optional<int64_t> num_samples, const optional<at::Generator>& generator,
+    int64_t row_offset, bool stl) {
+  auto out = LatentTermsFromGenerator::apply(mu, logvar, num_samples, generator, row_offset, stl);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 template <class D>
 Tensor one_param_autograd(const Tensor& params, const Tensor& x) {
   return OneParamLogProb<D>::apply(params, x);
@@ -168,6 +209,7 @@ TORCH_LIBRARY_IMPL(fastvae, Autograd, m) {
       m.impl(D::kForwardOp, &one_param_autograd<D>);
     }
   });
+  m.impl("latent_terms_from_generator", &latent_terms_from_generator_autograd);
 }
 
 }  // namespace fastvae

@@ -8,15 +8,13 @@
 //   draw_cpu_seed(generator=None) -> int
 //   latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl) -> (z, kl, log_q, log_p)
 // and cpu_level() -> str, the x86-64 level the float32 CPU loops run at (csrc/cpu/cpu_level.h).
-#include <ATen/CPUGeneratorImpl.h>
-#include <ATen/core/TransformationHelper.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/Generator.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/python_numbers.h>
 
-#include <mutex>
+#include "cpu/seed.h"
 
 #include "cpu/cpu_level.h"
 
@@ -30,14 +28,8 @@ at::Generator generator_arg(PyObject* arg, const char* function) {
   return reinterpret_cast<THPGenerator*>(arg)->cdata;
 }
 
-// One seed for the in-kernel Philox stream: exactly what
-// `torch.empty((), dtype=torch.int64).random_(generator=generator)` draws,
-// without allocating a tensor or going through the dispatcher.
-int64_t draw_seed(at::Generator generator) {
-  auto* cpu = at::check_generator<at::CPUGeneratorImpl>(generator);
-  std::lock_guard<std::mutex> lock(generator.mutex());
-  return at::transformation::uniform_int<int64_t>(cpu->random64());
-}
+// One seed for the in-kernel Philox stream (cpu/seed.h).
+int64_t draw_seed(const at::Generator& generator) { return fastvae::cpu::draw_cpu_seed(generator); }
 
 PyObject* draw_cpu_seed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS

@@ -19,6 +19,16 @@ TORCH_LIBRARY(fastvae, m) {
       "latent_terms(Tensor mu, Tensor logvar, Tensor? eps, int? num_samples, int seed, int offset,"
       " int row_offset=0, bool stl=False)"
       " -> (Tensor z, Tensor kl, Tensor log_q, Tensor log_p)");
+  // The same with the noise drawn from `generator` (None: the device's default) when the op
+  // runs, the way torch's own random ops draw theirs: on CPU one seed, with offset 0; on
+  // CUDA the generator's Philox state, which a CUDA graph capture records as a device-side
+  // offset, so each replay draws fresh noise. Under torch.compile the draw is part of the
+  // graph (no graph break); nondeterministic_seeded keeps the compiler from folding it away
+  // or recomputing it in the backward.
+  m.def(
+      "latent_terms_from_generator(Tensor mu, Tensor logvar, int? num_samples, Generator? generator,"
+      " int row_offset=0, bool stl=False) -> (Tensor z, Tensor kl, Tensor log_q, Tensor log_p)",
+      {at::Tag::nondeterministic_seeded});
   m.def(
       "latent_terms_backward(Tensor? grad_z, Tensor? grad_kl, Tensor? grad_log_q, Tensor? grad_log_p,"
       " Tensor z, Tensor mu, Tensor logvar, bool stl) -> (Tensor grad_mu, Tensor grad_logvar)");

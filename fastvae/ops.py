@@ -160,17 +160,27 @@ if _BACKEND == "cpp":
             mu.new_empty(z_shape[:-1], dtype=sums),
         )
 
+    @torch.library.register_fake("fastvae::latent_terms_from_generator")
+    def _latent_terms_from_generator_fake(mu, logvar, num_samples, generator, row_offset=0, stl=False):
+        return _latent_terms_fake(mu, logvar, None, num_samples, 0, 0, row_offset, stl)
+
     @torch.library.register_fake("fastvae::latent_terms_backward")
     def _latent_terms_backward_fake(grad_z, grad_kl, grad_log_q, grad_log_p, z, mu, logvar, stl):
         _check_latent(mu, logvar, None, None)
         return torch.empty_like(mu), torch.empty_like(logvar)
 
     _latent_op = torch.ops.fastvae.latent_terms.default
+    _latent_from_generator_op = torch.ops.fastvae.latent_terms_from_generator.default
 else:
 
     def _latent_op(mu, logvar, eps, num_samples, seed, offset, row_offset=0, stl=False):
         _check_latent(mu, logvar, eps, num_samples)
         return reference.latent_terms(mu, logvar, eps, num_samples, seed, offset, row_offset, stl)
+
+    def _latent_from_generator_op(mu, logvar, num_samples, generator, row_offset=0, stl=False):
+        _check_tensor(mu, "mu")
+        seed, offset = draw_seed(mu.device, generator)
+        return _latent_op(mu, logvar, None, num_samples, seed, offset, row_offset, stl)
 
 
 def _likelihood_op(name: str, param_name: str, second_name: str | None = None):
@@ -218,6 +228,12 @@ _discretized_logistic_op = _likelihood_op("discretized_logistic_log_prob", "mean
 # ---------------------------------------------------------------------------
 # Randomness: (seed, offset) drawn from torch's generators (DESIGN.md section 2).
 # ---------------------------------------------------------------------------
+# With the extension, latent_terms without seed= calls fastvae::latent_terms_from_generator,
+# which draws (seed, offset) inside the op when it runs, as torch's own random ops do: a
+# compiled graph holds the draw (no graph break, fresh noise at every call), and on CUDA
+# the kernel reads the generator's graph-safe Philox state, so a captured CUDA graph draws
+# fresh noise at every replay. Eagerly it draws exactly what draw_seed below would.
+#
 # A CPU seed is what `torch.empty((), dtype=torch.int64).random_(generator=generator)` gives;
 # the extension's draw_cpu_seed returns the same value from the same generator state without
 # that tensor round trip (which cost as much as the whole fused op at B=128, D=32). Dynamo
@@ -229,12 +245,15 @@ if _BACKEND == "cpp":
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> tuple[int, int]:
-    """A fresh (seed, offset) for the in-kernel Philox stream.
+    """A fresh (seed, offset) for the in-kernel Philox stream, as plain ints.
 
     On CPU the seed is one draw from `generator` (default: torch's global
     generator), so torch.manual_seed makes runs reproducible. On CUDA it is the
     device generator's seed and its Philox offset, which is advanced, so no
-    device synchronization is needed.
+    device synchronization is needed. latent_terms without seed= gives the same
+    noise as latent_terms(seed=, offset=) with these values; it draws them inside
+    the op instead, which a CUDA graph capture records (this function's host-side
+    offset move is not recorded: a captured step would replay the same noise).
     """
     if device.type == "cuda":
         gen = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
@@ -300,7 +319,9 @@ def latent_terms(
     num_samples=None: one sample, z (B, D), log_q and log_p (B,); num_samples=L: z (L, B, D), (L, B).
     eps: your own noise, shaped like z; treated as data, no gradient flows to it.
     Otherwise eps is drawn inside the kernel from Philox keyed by (seed, offset); seed=None draws
-    one from `generator` (torch's default generator when None). The same seed gives the same z.
+    them from `generator` (torch's default generator when None) when the op runs, like torch's own
+    random ops: fresh noise at every call of a torch.compile'd function and at every replay of a
+    captured CUDA graph, reproducible with torch.manual_seed. The same seed gives the same z.
     row_offset: the global index of this batch's first example. The noise of an example depends
     only on (seed, offset, sample, global index), so a data-parallel shard passing its offset
     draws exactly its part of the global batch's noise.
@@ -317,7 +338,8 @@ def latent_terms(
             terms = _latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl)
             return tuple.__new__(LatentTerms, terms)
         _check_tensor(mu, "mu")
-        seed, offset = draw_seed(mu.device, generator)
+        z, kl, log_q, log_p = _latent_from_generator_op(mu, logvar, num_samples, generator, row_offset, stl)
+        return LatentTerms(z, kl, log_q, log_p)
     elif seed is None:
         seed = 0  # eps given: (seed, offset) are not used
     else:
@@ -367,9 +389,14 @@ def _flatten_pair(params: Tensor, x: Tensor, name: str) -> tuple[Tensor, Tensor]
     return flat_params, flat_x
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether t's CUDA stream is being captured into a CUDA graph (reading values would fail)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _check_unit_interval(flat_x: Tensor, likelihood: str) -> None:
-    """Raise unless every x lies in [0, 1] (one pass over x; skipped while compiling)."""
-    if flat_x.numel() and not torch.compiler.is_compiling():
+    """Raise unless every x lies in [0, 1] (one pass over x; skipped while compiling or capturing a CUDA graph)."""
+    if flat_x.numel() and not torch.compiler.is_compiling() and not _capturing(flat_x):
         low, high = torch.aminmax(flat_x.detach())
         if not (0.0 <= float(low) and float(high) <= 1.0):
             raise ValueError(
@@ -399,7 +426,8 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = T
     """sum over pixels of log Bernoulli(x | sigmoid(logits)), per row: (B,) or (L, B).
 
     x must lie in [0, 1] (binary data, or intensities for the continuous relaxation);
-    check_range=False skips that check (one pass over x).
+    check_range=False skips that check (one pass over x). It is skipped under torch.compile
+    and while a CUDA graph is being captured, where no value can be read back.
     """
     params, flat_x = _flatten_pair(logits, x, "logits")
     if check_range:

@@ -65,7 +65,8 @@ class Trainer:
         # fp16 gradients can overflow: the scaler rescales them and skips the steps whose
         # gradients are not finite, so the gradient checks below leave those to it.
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
-        self.noise = torch.Generator().manual_seed(config.seed)  # the latent op's eps stream
+        # The latent op's eps stream, on the training device (a CUDA kernel draws from a CUDA generator).
+        self.noise = torch.Generator(device=self.device).manual_seed(config.seed)
         self.epoch = 0
         self.step = 0
 

@@ -42,3 +42,25 @@ def test_fallback_draws_the_same_noise_as_the_extension():
     ref = reference.latent_terms(mu, logvar, None, 2, 77, row_offset=0)
     for got, want in zip(fused, ref):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def fused_ops() -> list[str]:
+    """Every fastvae op the dispatcher knows (a new op needs no edit here)."""
+    import torch
+
+    return sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("fastvae::"))
+
+
+def test_cuda_kernels_registered_when_built():
+    """Runs without a GPU: a CUDA build of the extension must register every op for CUDA."""
+    if not fastvae.cuda_kernels_built():
+        pytest.skip(f"the installed fastvae extension has no CUDA kernels (backend: {fastvae.backend()})")
+    import torch
+
+    ops = fused_ops()
+    assert {"latent_terms", "latent_terms_from_generator", "bernoulli_log_prob",
+            "discretized_logistic_log_prob_backward"} <= set(ops), ops
+    for op in ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvae::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvae::{op}", "CPU"), op

@@ -10,6 +10,7 @@
 
 #include "../host.h"
 #include "cpu_loops.h"
+#include "seed.h"
 
 namespace fastvae {
 namespace cpu {
@@ -194,13 +195,7 @@ void run_rows(const LatentBackwardArgs<double>& a, int64_t begin, int64_t end) {
   latent_backward_rows<double>(a, begin, end);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu,
-                                                                      const at::Tensor& logvar,
-                                                                      const c10::optional<at::Tensor>& eps,
-                                                                      c10::optional<int64_t> num_samples, int64_t seed,
-                                                                      int64_t offset, int64_t row_offset,
-                                                                      bool /*stl*/) {
-  const LatentForwardIO io = prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_latent_forward(const LatentForwardIO& io) {
   cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
   AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::latent_terms", [&] {
     const auto args = io.args<scalar_t>();
@@ -209,6 +204,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at
                   [&](int64_t begin, int64_t end) { run_rows(args, begin, end); });
   });
   return io.result();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu,
+                                                                      const at::Tensor& logvar,
+                                                                      const c10::optional<at::Tensor>& eps,
+                                                                      c10::optional<int64_t> num_samples, int64_t seed,
+                                                                      int64_t offset, int64_t row_offset,
+                                                                      bool /*stl*/) {
+  return run_latent_forward(prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset));
+}
+
+// One seed from the generator, offset 0: the noise latent_terms gives for that seed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms_from_generator(
+    const at::Tensor& mu, const at::Tensor& logvar, c10::optional<int64_t> num_samples,
+    const c10::optional<at::Generator>& generator, int64_t row_offset, bool /*stl*/) {
+  LatentForwardIO io = prepare_latent_forward(mu, logvar, c10::nullopt, num_samples, 0, 0, row_offset);
+  // Drawn after the arguments are checked, so that a rejected call leaves the generator alone.
+  io.seed = static_cast<uint64_t>(draw_cpu_seed(generator));
+  return run_latent_forward(io);
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
@@ -229,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
 
 TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
   m.impl("latent_terms", &latent_terms);
+  m.impl("latent_terms_from_generator", &latent_terms_from_generator);
   m.impl("latent_terms_backward", &latent_terms_backward);
 }
 

@@ -8,6 +8,12 @@
 // Forward: one block per row (l, b) of z. The noise of element (l, b, d) is
 // normal i%4 of Philox block noise_block(l, i/4), with i = (b + row_offset)*D + d
 // its within-sample index (csrc/fastvae.h): the same stream as the CPU loops.
+// The kernel reads the Philox (seed, offset) from an at::PhiloxCudaState, as
+// torch's own random kernels do: plain values for latent_terms (an explicit
+// seed) and for an eager call of latent_terms_from_generator; device pointers
+// plus a per-capture increment when latent_terms_from_generator is recorded into
+// a CUDA graph, so that every replay reads the generator's offset of that moment
+// and draws fresh noise.
 // Thread k of a block owns the Philox blocks k, k + kThreads, ... of its row's
 // index range, so each Philox call feeds four elements. The row sums (kl,
 // log_q, log_p) are one block reduction in the accumulation type (float32, or
@@ -17,6 +23,8 @@
 // over l need no atomics and the result does not depend on scheduling.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -24,6 +32,8 @@
 #include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
+#include <limits>
+#include <mutex>
 #include <type_traits>
 
 #include "../fastvae.h"
@@ -34,6 +44,11 @@ namespace gpu {  // (not "cuda": that would shadow ::cuda inside CCCL macros)
 namespace {
 
 constexpr int kFlatThreads = 256;  // threads per block of the element-wise kernels
+
+// How far one call moves the CUDA generator's Philox offset. The offset is the high half of
+// each element's counter (fastvae.h, normal4), so any step keeps calls apart; 4 is the
+// smallest that philox_cuda_state accepts.
+constexpr uint64_t kOffsetIncrement = 4;
 
 // The three per-row sums of the forward (fastvae.h, latent_element), reduced together in one pass.
 template <typename T>
@@ -52,8 +67,13 @@ template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     latent_forward_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, const T* __restrict__ eps,
                           T* __restrict__ z, T* __restrict__ kl, T* __restrict__ log_q, T* __restrict__ log_p,
-                          int64_t rows, int64_t batch, int64_t dim, uint64_t seed, uint64_t offset,
+                          int64_t rows, int64_t batch, int64_t dim, at::PhiloxCudaState philox,
                           int64_t row_offset) {
+  // The seed is kept in [0, 2**63) as on the host (fastvae.ops checks explicit seeds so; the
+  // generator's seed is masked to that range, as fastvae's host-side draw always did).
+  const auto seed_and_offset = at::cuda::philox::unpack(philox);
+  const uint64_t seed = std::get<0>(seed_and_offset) & static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  const uint64_t offset = std::get<1>(seed_and_offset);
   using BlockReduce = cub::BlockReduce<LatentSums<T>, kThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // row is uniform over the block
@@ -152,14 +172,8 @@ unsigned int grid_for(int64_t units) {
 }
 
 // Half and bfloat16 are computed in float32 (inputs upcast once, z cast back).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu,
-                                                                      const at::Tensor& logvar,
-                                                                      const c10::optional<at::Tensor>& eps,
-                                                                      c10::optional<int64_t> num_samples, int64_t seed,
-                                                                      int64_t offset, int64_t row_offset,
-                                                                      bool /*stl*/) {
-  const c10::cuda::CUDAGuard device_guard(mu.device());
-  const LatentForwardIO io = prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_latent_forward(const LatentForwardIO& io,
+                                                                            const at::PhiloxCudaState& philox) {
   const int64_t rows = io.samples * io.batch;
   if (rows > 0) {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -170,13 +184,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at
       with_block_threads((a.dim + 3) / 4, [&](auto threads) {
         constexpr int kThreads = decltype(threads)::value;
         latent_forward_kernel<scalar_t, kThreads><<<grid_for(rows), kThreads, 0, stream>>>(
-            a.mu, a.logvar, a.eps, a.z, a.kl, a.log_q, a.log_p, rows, a.batch, a.dim, a.seed, a.offset,
-            a.row_offset);
+            a.mu, a.logvar, a.eps, a.z, a.kl, a.log_q, a.log_p, rows, a.batch, a.dim, philox, a.row_offset);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
   return io.result();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms(const at::Tensor& mu,
+                                                                      const at::Tensor& logvar,
+                                                                      const c10::optional<at::Tensor>& eps,
+                                                                      c10::optional<int64_t> num_samples, int64_t seed,
+                                                                      int64_t offset, int64_t row_offset,
+                                                                      bool /*stl*/) {
+  const c10::cuda::CUDAGuard device_guard(mu.device());
+  const LatentForwardIO io = prepare_latent_forward(mu, logvar, eps, num_samples, seed, offset, row_offset);
+  return run_latent_forward(io, at::PhiloxCudaState(io.seed, io.offset));
+}
+
+// The generator's (seed, offset), moved on by kOffsetIncrement per call: eagerly the values
+// fastvae.ops.draw_seed reads from Python, so a seed gives the noise it always gave.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> latent_terms_from_generator(
+    const at::Tensor& mu, const at::Tensor& logvar, c10::optional<int64_t> num_samples,
+    const c10::optional<at::Generator>& generator, int64_t row_offset, bool /*stl*/) {
+  const c10::cuda::CUDAGuard device_guard(mu.device());
+  const LatentForwardIO io = prepare_latent_forward(mu, logvar, c10::nullopt, num_samples, 0, 0, row_offset);
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
+  at::PhiloxCudaState philox;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(kOffsetIncrement);
+  }
+  return run_latent_forward(io, philox);
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
@@ -203,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor> latent_terms_backward(
 
 TORCH_LIBRARY_IMPL(fastvae, CUDA, m) {
   m.impl("latent_terms", &latent_terms);
+  m.impl("latent_terms_from_generator", &latent_terms_from_generator);
   m.impl("latent_terms_backward", &latent_terms_backward);
 }
 
