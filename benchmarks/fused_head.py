@@ -93,10 +93,10 @@ def peak_bytes(model: VAE, x: torch.Tensor) -> int:
     model.zero_grad(set_to_none=False)  # gradients allocated beforehand: they are not the point here
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         loss_of(model, x).backward()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, nbytes in events:  # allocations positive, frees negative
+        live += nbytes
         peak = max(peak, live)
     return peak
 

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "../head.h"
@@ -21,15 +22,27 @@ namespace fastvae {
 namespace cpu {
 namespace {
 
-// 128 KiB of raw outputs per chunk (40 rows of 784 float32 pixels): with the
-// chunk's h rows and the output weight (627 KiB for 784x200 float32) that fits
-// a 1 MiB L2. Measured on the benchmark's 784-200 head: 64 KiB and 512 KiB
-// chunks were both slower (benchmarks/README.md).
-constexpr int64_t kHeadChunkBytes = 128 * 1024;
+// Bytes of raw outputs per chunk. A chunk's raw outputs are touched four times
+// (written by the first product, rewritten by the element loop, read by the two
+// gradient products), so they should stay in the core's L2; but every chunk also
+// streams the weight twice and grad_W once (627 KiB each for a 784x200 float32
+// layer), which favours fewer, larger chunks. The default is set from
+// benchmarks/README.md ("Fused decoder head"); FASTVAE_HEAD_CHUNK_KIB overrides
+// it (read once), for tuning on CPUs with other cache sizes.
+constexpr int64_t kDefaultHeadChunkKiB = 256;
+
+int64_t head_chunk_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("FASTVAE_HEAD_CHUNK_KIB");
+    const int64_t kib = env != nullptr ? std::atoll(env) : 0;
+    return (kib > 0 ? kib : kDefaultHeadChunkKiB) * 1024;
+  }();
+  return bytes;
+}
 
 int64_t head_chunk_rows(int64_t outputs, int64_t element_size) {
-  const int64_t rows = kHeadChunkBytes / std::max<int64_t>(outputs * element_size, 1);
-  return std::clamp<int64_t>(rows / 8 * 8, 8, 1024);
+  const int64_t rows = head_chunk_bytes() / std::max<int64_t>(outputs * element_size, 1);
+  return std::clamp<int64_t>(rows / 8 * 8, 8, 4096);
 }
 
 // The element loop over `count` rows starting at `first_row`, whose raw
