@@ -7,6 +7,7 @@ from .ops import (  # noqa: F401
     backend,
     bernoulli_log_likelihood,
     cuda_kernels_built,
+    fused_head_log_likelihood,
     gaussian_kl,
     gaussian_log_likelihood,
     latent_terms,

@@ -293,6 +293,7 @@ def test_vae_gives_the_same_elbo_and_gradients_with_and_without_the_fused_head(l
         out = model(x, condition, num_samples=4, objective=objective, generator=torch.Generator().manual_seed(5))
         out.loss.backward()
         outs.append(out)
+    assert callable(outs[0]._decoded) and not callable(outs[1]._decoded)  # the fused path ran: no logits held
     torch.testing.assert_close(outs[0].elbo, outs[1].elbo, rtol=1e-12, atol=1e-11)
     torch.testing.assert_close(outs[0].rec, outs[1].rec, rtol=1e-12, atol=1e-11)
     for (name, p), q in zip(fused_model.named_parameters(), plain_model.parameters()):
@@ -352,3 +353,19 @@ def test_convolutional_decoders_keep_the_unfused_path(name, shape, config):
     assert registry.fused_output_layer(model.decoder) is None
     out = model(torch.rand(2, *shape).round(), num_samples=2)
     assert not callable(out._decoded) and out.decoded.shape == (2, 2, *shape)
+
+
+# ---------------------------------------------------------------------------
+# 6. CUDA (skipped without a GPU): the same numbers as the CPU op
+# ---------------------------------------------------------------------------
+@pytest.mark.skipif(not (torch.cuda.is_available() and fastvae.cuda_kernels_built()), reason="no CUDA device/kernels")
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_cuda_matches_cpu(likelihood):
+    h, weight, b, x = head_inputs(likelihood, batch=300, hidden=16, pixels=50)
+    g = torch.randn(h.shape[:-1], dtype=torch.float64)
+    want_out, want = grads_of(lambda: fused(h, weight, b, x, likelihood, 0.3), (h, weight, b), g)
+    cuda = [t.detach().cuda().requires_grad_() for t in (h, weight, b)]
+    got_out, got = grads_of(lambda: fused(*cuda, x.cuda(), likelihood, 0.3, precompute=True), cuda, g.cuda())
+    torch.testing.assert_close(got_out.cpu(), want_out, rtol=1e-12, atol=1e-10)
+    for got_grad, want_grad in zip(got, want):
+        torch.testing.assert_close(got_grad.cpu(), want_grad, rtol=1e-11, atol=1e-10)
