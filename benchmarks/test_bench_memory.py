@@ -15,3 +15,14 @@ def test_saved_for_backward_is_only_z_mu_logvar():
     element = 4
     assert fused == (samples * batch * dim + 2 * batch * dim) * element  # z, mu, logvar: no eps, no std
     assert eager > fused
+
+
+def test_fused_head_saves_only_its_inputs_for_the_iwae_step():
+    from fused_head import BATCH, SAMPLES, batches, head_bytes_saved, make_model
+
+    x = batches(1)[0]
+    element, hidden, pixels = 4, 200, 784
+    inputs = (SAMPLES * BATCH * hidden + pixels * hidden + pixels + BATCH * pixels) * element  # h, W, b, x
+    logits = SAMPLES * BATCH * pixels * element
+    assert head_bytes_saved(make_model(True), x) == inputs  # no (L, B, P) tensor
+    assert head_bytes_saved(make_model(False), x) == inputs + logits

@@ -9,6 +9,7 @@ from .ops import (  # noqa: F401
     continuous_bernoulli_log_likelihood,
     cuda_kernels_built,
     discretized_logistic_log_likelihood,
+    fused_head_log_likelihood,
     gaussian_kl,
     gaussian_log_likelihood,
     latent_terms,

@@ -15,6 +15,7 @@ depend on the batch size, while the reported ELBO stays in per-example nats.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +33,21 @@ class VAEOutput:
     z: Tensor           # (L, B, D)
     mu: Tensor          # (B, D)
     logvar: Tensor      # (B, D)
-    decoded: Tensor     # logits or means, (L, B, *input_shape)
+    _decoded: Tensor | Callable[[], Tensor]  # see `decoded`
     rec: Tensor         # (L, B): log p(x|z)
     kl: Tensor          # (B,)
     log_q: Tensor       # (L, B)
     log_p: Tensor       # (L, B)
     elbo: Tensor        # (B,): the objective's bound per example (with beta applied)
     loss: Tensor        # scalar: -mean_b elbo
+
+    @property
+    def decoded(self) -> Tensor:
+        """Logits or means, (L, B, *input_shape). With the fused head the forward never held them:
+        the first access runs the decoder again on z (same numbers, differentiable)."""
+        if callable(self._decoded):
+            self._decoded = self._decoded()
+        return self._decoded
 
 
 class VAE(nn.Module):
@@ -166,12 +175,38 @@ class VAE(nn.Module):
         self._check_input(x, condition)
         mu, logvar = self.encode(x, condition)
         latent = ops.latent_terms(mu, logvar, num_samples, generator=generator, stl=stl, row_offset=row_offset)
-        decoded = self.decode(latent.z, condition)
-        rec = self.log_likelihood(decoded, x)
+        mean_decoded, rec = self._decode_and_score(latent.z, condition, x, objective)
         elbo = bound(objective, rec, latent.kl, latent.log_q, latent.log_p, beta)
-        mean_decoded = decoded[0] if isinstance(decoded, tuple) else decoded
         return VAEOutput(latent.z, mu, logvar, mean_decoded, rec, latent.kl, latent.log_q, latent.log_p, elbo,
                          -elbo.mean())
+
+    def _decode_and_score(self, z: Tensor, condition: Tensor | None, x: Tensor, objective: str):
+        """(logits or means, or a function computing them; rec (L, B)).
+
+        A decoder that takes the fused head (registry.Decoder, "Fused head") gives its last hidden
+        layer, and the fused op scores it with the output layer folded in: the (L, B, *input_shape)
+        decoder output and its gradient are never held. Any other decoder: decode, then the
+        likelihood op.
+        """
+        layer = registry.fused_output_layer(self.decoder)
+        if layer is None:
+            decoded = self.decode(z, condition)
+            return (decoded[0] if isinstance(decoded, tuple) else decoded), self.log_likelihood(decoded, x)
+        flat_z = z.reshape(-1, self.latent_dim)
+        flat_c = None if condition is None else condition.expand(*z.shape[:-1], condition.shape[-1]).reshape(
+            -1, condition.shape[-1])
+        h = self.decoder.hidden(flat_z, flat_c)
+        h = h.reshape(*z.shape[:-1], h.shape[-1])
+        # Every row's incoming gradient is the same for the averaged bounds, so the head's gradients
+        # are computed in its forward; IWAE weights rows differently, so its backward recomputes.
+        rec = ops.fused_head_log_likelihood(h, layer.weight, layer.bias, x, self.likelihood, self.gaussian_logvar,
+                                            precompute_grads=objective != "iwae", check_range=False)
+
+        def decoded():
+            out = self.decode(z, condition)
+            return out[0] if isinstance(out, tuple) else out
+
+        return decoded, rec
 
     # ------------------------------------------------------------------
     def mean_image(self, decoded) -> Tensor:

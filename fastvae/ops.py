@@ -8,6 +8,8 @@
     continuous_bernoulli_log_likelihood(logits, x)               -> log p(x|z) per row
     discretized_logistic_log_likelihood(mean, log_scale, x)      -> log p(x|z) per row
     nats_to_bits_per_dim(nats, num_dims)         -> bits per dimension
+    fused_head_log_likelihood(h, weight, bias, x, likelihood) -> log p(x|z) per row from the
+                                                 decoder's last hidden layer (output layer fused in)
 
 Shapes: mu, logvar are (B, D). With num_samples=None one sample is drawn and
 z is (B, D), log_q and log_p are (B,); with num_samples=L they are (L, B, D) and
@@ -139,6 +141,38 @@ def _check_likelihood(params: Tensor, x: Tensor, name: str) -> None:
     )
 
 
+HEAD_LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+
+
+def _check_head(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likelihood: str) -> None:
+    _require(
+        likelihood in HEAD_LIKELIHOODS,
+        f"fastvae: likelihood must be 'bernoulli', 'gaussian' or 'gaussian_learned', got '{likelihood}'",
+    )
+    _check_tensor(h, "h")
+    for t, name in ((weight, "weight"), (x, "x")) + (() if bias is None else ((bias, "bias"),)):
+        _check_tensor(t, name)
+        _check_same(t, h, name, "h")
+    _require(x.dim() == 2, f"fastvae: x must have shape (batch, num_pixels), got {tuple(x.shape)}")
+    batch = x.shape[0]
+    _require(
+        (h.dim() == 3 and h.shape[1] == batch) or (h.dim() == 2 and h.shape[0] == batch),
+        f"fastvae: h must have shape (batch, hidden) or (num_samples, batch, hidden) with batch = {batch} "
+        f"(x's first dimension), got {tuple(h.shape)}",
+    )
+    k = 2 if likelihood == "gaussian_learned" else 1
+    outputs, hidden = k * x.shape[1], h.shape[-1]
+    _require(
+        weight.dim() == 2 and tuple(weight.shape) == (outputs, hidden),
+        f"fastvae: weight must have shape ({k} * num_pixels, hidden) = ({outputs}, {hidden}) for this likelihood "
+        f"and these h and x, got {tuple(weight.shape)}",
+    )
+    if bias is not None:
+        _require(
+            tuple(bias.shape) == (outputs,), f"fastvae: bias must have shape ({outputs},), got {tuple(bias.shape)}"
+        )
+
+
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -169,8 +203,31 @@ if _BACKEND == "cpp":
         _check_latent(mu, logvar, None, None)
         return torch.empty_like(mu), torch.empty_like(logvar)
 
+    @torch.library.register_fake("fastvae::fused_head_log_prob")
+    def _fused_head_log_prob_fake(h, weight, bias, x, likelihood, logvar_value=0.0, precompute_grads=False):
+        _check_head(h, weight, bias, x, likelihood)
+        return h.new_empty(h.shape[:-1], dtype=_sum_dtype(h.dtype))
+
+    @torch.library.register_fake("fastvae::fused_head_log_prob_with_grads")
+    def _fused_head_log_prob_with_grads_fake(h, weight, bias, x, likelihood, logvar_value):
+        _check_head(h, weight, bias, x, likelihood)
+        grad_bias = torch.empty_like(bias) if bias is not None else h.new_empty((0,))
+        log_prob = h.new_empty(h.shape[:-1], dtype=_sum_dtype(h.dtype))
+        return log_prob, torch.empty_like(h), torch.empty_like(weight), grad_bias
+
+    @torch.library.register_fake("fastvae::fused_head_log_prob_backward")
+    def _fused_head_log_prob_backward_fake(grad, h, weight, bias, x, likelihood, logvar_value, needs_grad_h,
+                                           needs_grad_weight, needs_grad_bias):
+        _check_head(h, weight, bias, x, likelihood)
+
+        def grad_like(t, needed):
+            return torch.empty_like(t) if needed and t is not None else h.new_empty((0,))
+
+        return grad_like(h, needs_grad_h), grad_like(weight, needs_grad_weight), grad_like(bias, needs_grad_bias)
+
     _latent_op = torch.ops.fastvae.latent_terms.default
     _latent_from_generator_op = torch.ops.fastvae.latent_terms_from_generator.default
+    _fused_head_op = torch.ops.fastvae.fused_head_log_prob.default
 else:
 
     def _latent_op(mu, logvar, eps, num_samples, seed, offset, row_offset=0, stl=False):
@@ -181,6 +238,12 @@ else:
         _check_tensor(mu, "mu")
         seed, offset = draw_seed(mu.device, generator)
         return _latent_op(mu, logvar, None, num_samples, seed, offset, row_offset, stl)
+
+    def _fused_head_op(h, weight, bias, x, likelihood, logvar_value=0.0, precompute_grads=False):
+        _check_head(h, weight, bias, x, likelihood)
+        _require(not (torch.is_grad_enabled() and x.requires_grad),
+                 "fastvae: fused_head_log_prob does not differentiate with respect to x (it is the data)")
+        return reference.fused_head_log_prob(h, weight, bias, x, likelihood, logvar_value)
 
 
 def _likelihood_op(name: str, param_name: str, second_name: str | None = None):
@@ -494,3 +557,50 @@ def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
     if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
         raise ValueError(f"fastvae: num_dims must be a positive int, got {num_dims!r}")
     return nats / (num_dims * math.log(2.0))
+
+
+# ---------------------------------------------------------------------------
+# The fused decoder head: output layer + likelihood in one op.
+# ---------------------------------------------------------------------------
+def fused_head_log_likelihood(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    x: Tensor,
+    likelihood: str = "bernoulli",
+    logvar: float = 0.0,
+    *,
+    precompute_grads: bool = False,
+    check_range: bool = True,
+) -> Tensor:
+    """log p(x | h W^T + b) summed over pixels, per row: (B,) or (L, B).
+
+    h: the decoder's last hidden layer, (B, H) or (L, B, H); weight (k*P, H) and bias (k*P,)
+    (or None): its output layer, an nn.Linear's parameters; x: the data, (B, ...) with P
+    elements per example. likelihood: "bernoulli" (the layer gives logits), "gaussian" (means,
+    fixed log-variance `logvar`) or "gaussian_learned" (k = 2: P means, then P log-variances).
+    The same numbers as the likelihood functions on the layer's output, without ever holding
+    the (L, B, k*P) output or its gradient: rows are processed in cache-sized chunks, and the
+    backward recomputes a chunk's output from the saved h. x is data: no gradient flows to it.
+
+    precompute_grads=True computes the gradients in the forward (for an incoming gradient of 1
+    per row) and scales them in the backward when the incoming gradient is the same for every
+    row, as for a loss that averages the rows (the analytic and Monte Carlo ELBOs); one GEMM less
+    than recomputing. Otherwise (IWAE's weights differ per row) the backward recomputes anyway.
+    It applies on CPU in eager mode only (the check reads the incoming gradient on the host).
+    """
+    _check_tensor(h, "h")
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError(f"fastvae: x must have a batch dimension, got shape {tuple(x.shape)}")
+    flat_x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    if flat_x.dtype != h.dtype:  # data often stays float32 while the decoder runs in bf16
+        dtype = torch.promote_types(flat_x.dtype, h.dtype)
+        h, weight, flat_x = h.to(dtype), weight.to(dtype), flat_x.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if likelihood == "bernoulli" and check_range:
+        _check_unit_interval(flat_x, "Bernoulli")
+    if isinstance(logvar, bool) or not isinstance(logvar, (int, float)):
+        raise TypeError(f"fastvae: logvar must be a float, got {type(logvar).__name__}")
+    precompute = bool(precompute_grads) and not torch.compiler.is_compiling()
+    return _fused_head_op(h, weight, bias, flat_x, likelihood, float(logvar), precompute)

@@ -189,3 +189,19 @@ def discretized_logistic_log_prob(
         + torch.where(bottom | top, zero, torch.log(-torch.expm1(-width)))
     )
     return terms.sum(-1)
+def fused_head_log_prob(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likelihood: str,
+                        logvar_value: float = 0.0) -> Tensor:
+    """The fused decoder head unfused: raw = h W^T + b, then the likelihood per row.
+
+    h (L,B,H) or (B,H), weight (k*P,H), bias (k*P) or None, x (B,P); likelihood
+    "bernoulli", "gaussian" (log-variance logvar_value) or "gaussian_learned" (k = 2:
+    raw[..., :P] are means, raw[..., P:] log-variances).
+    """
+    dtype = _compute_dtype(h.dtype)
+    raw = torch.nn.functional.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    if likelihood == "bernoulli":
+        return bernoulli_log_prob(raw, x)
+    if likelihood == "gaussian":
+        return gaussian_log_prob(raw, x, None, logvar_value)
+    pixels = x.shape[-1]
+    return gaussian_log_prob(raw[..., :pixels], x, raw[..., pixels:])

@@ -94,7 +94,16 @@ class Decoder(nn.Module):
     each (N, *output_shape). Subclasses produce self.params_per_element values per output
     element, parameter-major (e.g. (N, params_per_element * C, H, W)), and finish with
     self.to_output(raw), so the likelihood handling lives here once.
+
+    Fused head (optional): a decoder whose last layer is an nn.Linear may expose
+    `hidden(z, condition) -> h` (N, H), the input of that layer, and `output_layer`, the layer,
+    such that forward(z, condition) == self.to_output(self.output_layer(self.hidden(z, condition))).
+    The VAE then computes log p(x|z) from h with the fused head op (fastvae.ops.
+    fused_head_log_likelihood), never holding the (L, B, P) logits or their gradient. Setting
+    `fused_head = False` on the decoder turns that off; see fused_output_layer.
     """
+
+    fused_head = True
 
     def __init__(
         self,
@@ -128,6 +137,18 @@ class Decoder(nn.Module):
         if self.likelihood == "gaussian_learned":
             return params[:, 0], params[:, 1]
         return params[:, 0]
+
+
+def fused_output_layer(decoder: nn.Module) -> nn.Linear | None:
+    """The decoder's output layer when it takes the fused head (Decoder's "Fused head"), else None.
+
+    Any module qualifies, a Decoder subclass or not: a callable `hidden`, an nn.Linear
+    `output_layer`, and `fused_head` not set to False. Everything else goes through its forward.
+    """
+    layer = getattr(decoder, "output_layer", None)
+    if not getattr(decoder, "fused_head", True) or not callable(getattr(decoder, "hidden", None)):
+        return None
+    return layer if isinstance(layer, nn.Linear) else None
 
 
 @dataclass(frozen=True)

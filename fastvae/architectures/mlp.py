@@ -41,14 +41,30 @@ class MLPEncoder(Encoder):
 
 @register_decoder("mlp")
 class MLPDecoder(Decoder):
-    """Fully connected decoder (Kingma & Welling 2014); reshapes to any output shape."""
+    """Fully connected decoder (Kingma & Welling 2014); reshapes to any output shape.
+
+    Takes the fused head (registry.Decoder): its last layer is linear. fused_head=False makes
+    the VAE run the plain forward and the likelihood op instead (same numbers, more memory).
+    """
 
     def __init__(self, output_shape, latent_dim, condition_dim=0, likelihood="bernoulli", hidden=(500,),
-                 activation="tanh"):
+                 activation="tanh", fused_head=True):
         super().__init__(output_shape, latent_dim, condition_dim, likelihood)
         hidden = check_widths("hidden", hidden)
+        if not isinstance(fused_head, bool):
+            raise ValueError(f"fused_head must be True or False, got {fused_head!r}")
+        self.fused_head = fused_head
         self.net = _mlp(latent_dim + condition_dim, hidden, self.params_per_element * self.output_numel, activation)
 
-    def forward(self, z: Tensor, condition: Tensor | None = None):
+    @property
+    def output_layer(self) -> nn.Linear:
+        # A property, not a second attribute: the layer stays registered once, as net.<i> in state dicts.
+        return self.net[-1]
+
+    def hidden(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        """The last hidden layer (N, H), the input of output_layer."""
         self.check_input(z, condition)
-        return self.to_output(self.net(with_condition(z, condition)))
+        return self.net[:-1](with_condition(z, condition))
+
+    def forward(self, z: Tensor, condition: Tensor | None = None):
+        return self.to_output(self.output_layer(self.hidden(z, condition)))

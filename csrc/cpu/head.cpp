@@ -1,0 +1,224 @@
+// CPU implementation of the fused decoder head (see csrc/head.h for the contract).
+//
+// The rows are split into chunks small enough that a chunk's raw outputs stay
+// in the core's L2 cache; threads take contiguous runs of chunks. Per chunk:
+// raw = h_chunk W^T (one GEMM), the element loop adds the bias, sums the row's
+// log-likelihood and overwrites raw with g * d log p / d raw, then
+// grad_h_chunk = raw W and grad_W += raw^T h_chunk (two GEMMs) while raw is
+// still in cache. Each thread sums grad_W and grad_b into its own buffer; the
+// buffers are added in thread order at the end, so the result does not depend
+// on timing.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#include "../head.h"
+#include "cpu_loops.h"
+
+namespace fastvae {
+namespace cpu {
+namespace {
+
+// Bytes of raw outputs per chunk. A chunk's raw outputs are touched four times
+// (written by the first product, rewritten by the element loop, read by the two
+// gradient products), so they should stay in the core's L2; but every chunk also
+// streams the weight twice and grad_W once (627 KiB each for a 784x200 float32
+// layer), which favours fewer, larger chunks. The default is set from
+// benchmarks/README.md ("Fused decoder head"); FASTVAE_HEAD_CHUNK_KIB overrides
+// it (read once), for tuning on CPUs with other cache sizes.
+constexpr int64_t kDefaultHeadChunkKiB = 256;
+
+int64_t head_chunk_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("FASTVAE_HEAD_CHUNK_KIB");
+    const int64_t kib = env != nullptr ? std::atoll(env) : 0;
+    return (kib > 0 ? kib : kDefaultHeadChunkKiB) * 1024;
+  }();
+  return bytes;
+}
+
+int64_t head_chunk_rows(int64_t outputs, int64_t element_size) {
+  const int64_t rows = head_chunk_bytes() / std::max<int64_t>(outputs * element_size, 1);
+  return std::clamp<int64_t>(rows / 8 * 8, 8, 4096);
+}
+
+// The element loop over `count` rows starting at `first_row`, whose raw
+// outputs are in `raw` (count x outputs). Adds the gradient columns into
+// `grad_bias` when it is given.
+template <typename T, HeadLikelihood kKind, bool kLogProb, bool kGrads>
+__attribute__((always_inline)) inline void head_rows(const HeadArgs<T>& a, T* raw, int64_t first_row, int64_t count,
+                                                     T* grad_bias) {
+  const int64_t P = a.pixels, outputs = a.outputs;
+  const T* bias = a.bias;
+  const T logvar_value = a.logvar_value, fixed_inv_var = a.fixed_inv_var;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = first_row + i;
+    T* r = raw + i * outputs;
+    const T* x = a.x + (row % a.batch) * P;
+    const T g = a.grad ? a.grad[row] : T(1);
+    T sum = 0;
+    if constexpr (kKind == HeadLikelihood::kBernoulli) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = 0; p < P; ++p) sum += head_bernoulli_element<T, kLogProb, kGrads>(r[p], bias[p], x[p], g);
+    } else if constexpr (kKind == HeadLikelihood::kGaussian) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = 0; p < P; ++p) {
+        sum += head_gaussian_element<T, kLogProb, kGrads>(r[p], bias[p], x[p], g, logvar_value, fixed_inv_var);
+      }
+    } else {
+      T* r_logvar = r + P;
+      const T* bias_logvar = bias + P;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t p = 0; p < P; ++p) {
+        sum += head_gaussian_learned_element<T, kLogProb, kGrads>(r[p], r_logvar[p], bias[p], bias_logvar[p], x[p],
+                                                                   g);
+      }
+    }
+    if constexpr (kLogProb) a.log_prob[row] = sum + head_row_constant<T>(kKind, P);
+    if constexpr (kGrads) {
+      if (grad_bias) {
+#pragma omp simd
+        for (int64_t o = 0; o < outputs; ++o) grad_bias[o] += r[o];
+      }
+    }
+  }
+}
+
+// float32 runs at the process's CPU level (cpu_level.h): the row loop is compiled once per level.
+struct HeadTaskF32 {
+  const HeadArgs<float>* a;
+  float* raw;
+  float* grad_bias;
+};
+
+template <HeadLikelihood kKind, bool kLogProb, bool kGrads>
+struct HeadRowsF32 {
+  __attribute__((always_inline)) void operator()(const HeadTaskF32& t, int64_t first_row, int64_t count) const {
+    head_rows<float, kKind, kLogProb, kGrads>(*t.a, t.raw, first_row, count, t.grad_bias);
+  }
+};
+
+template <typename T, HeadLikelihood kKind, bool kLogProb, bool kGrads>
+void rows_for(const HeadArgs<T>& a, T* raw, int64_t first_row, int64_t count, T* grad_bias) {
+  if constexpr (std::is_same_v<T, float>) {
+    run_at_cpu_level<HeadRowsF32<kKind, kLogProb, kGrads>>(HeadTaskF32{&a, raw, grad_bias}, first_row, count);
+  } else {
+    head_rows<T, kKind, kLogProb, kGrads>(a, raw, first_row, count, grad_bias);
+  }
+}
+
+template <typename T, HeadLikelihood kKind>
+void rows_of_kind(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count, T* grad_bias) {
+  if (!wants.any_grad()) {
+    rows_for<T, kKind, true, false>(a, raw, first_row, count, grad_bias);
+  } else if (wants.log_prob) {
+    rows_for<T, kKind, true, true>(a, raw, first_row, count, grad_bias);
+  } else {
+    rows_for<T, kKind, false, true>(a, raw, first_row, count, grad_bias);
+  }
+}
+
+template <typename T>
+void rows(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count, T* grad_bias) {
+  switch (a.kind) {
+    case HeadLikelihood::kBernoulli:
+      return rows_of_kind<T, HeadLikelihood::kBernoulli>(a, wants, raw, first_row, count, grad_bias);
+    case HeadLikelihood::kGaussian:
+      return rows_of_kind<T, HeadLikelihood::kGaussian>(a, wants, raw, first_row, count, grad_bias);
+    case HeadLikelihood::kGaussianLearned:
+      return rows_of_kind<T, HeadLikelihood::kGaussianLearned>(a, wants, raw, first_row, count, grad_bias);
+  }
+}
+
+template <typename T>
+void run_head(const HeadIO& io, HeadWants wants) {
+  const HeadArgs<T> a = io.args<T>();
+  if (a.rows == 0) return;
+  const int64_t chunk = head_chunk_rows(a.outputs, sizeof(T));
+  const int64_t chunks = (a.rows + chunk - 1) / chunk;
+  const at::Tensor weight_t = io.weight.t();
+  const at::Tensor grad_h = io.grad_h.defined() ? io.grad_h.view({a.rows, a.hidden}) : at::Tensor();
+  // Thread t sums its chunks' grad_W and grad_b into partials[t]; thread 0 into the outputs themselves.
+  const int threads = at::get_num_threads();
+  std::vector<at::Tensor> weight_partials(threads), bias_partials(threads);
+  weight_partials[0] = io.grad_weight;
+  bias_partials[0] = io.grad_bias;
+  cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // OpenMP workers start with the default thread-local state (grad mode on,
+    // autograd keys in); the GEMMs below must not be seen by autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::NoGradGuard no_grad;
+    const int tid = at::get_thread_num();
+    if (tid > 0) {
+      if (io.grad_weight.defined()) weight_partials[tid] = at::zeros_like(io.grad_weight);
+      if (io.grad_bias.defined()) bias_partials[tid] = at::zeros_like(io.grad_bias);
+    }
+    const at::Tensor& grad_weight = weight_partials[tid];
+    T* grad_bias = defined_ptr<T>(bias_partials[tid]);
+    const at::Tensor raw = at::empty({std::min(chunk, a.rows), a.outputs}, io.h.options());
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first_row = c * chunk, count = std::min(chunk, a.rows - first_row);
+      at::Tensor raw_chunk = raw.narrow(0, 0, count);
+      const at::Tensor h_chunk = io.h.narrow(0, first_row, count);
+      at::mm_out(raw_chunk, h_chunk, weight_t);
+      rows<T>(a, wants, raw.data_ptr<T>(), first_row, count, grad_bias);
+      if (grad_h.defined()) {
+        at::Tensor grad_h_chunk = grad_h.narrow(0, first_row, count);
+        at::mm_out(grad_h_chunk, raw_chunk, io.weight);
+      }
+      if (grad_weight.defined()) grad_weight.addmm_(raw_chunk.t(), h_chunk);
+    }
+  });
+  for (int t = 1; t < threads; ++t) {
+    if (weight_partials[t].defined()) io.grad_weight.add_(weight_partials[t]);
+    if (bias_partials[t].defined()) io.grad_bias.add_(bias_partials[t]);
+  }
+}
+
+void compute(const HeadIO& io, HeadWants wants) {
+  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::fused_head", [&] { run_head<scalar_t>(io, wants); });
+}
+
+at::Tensor fused_head_log_prob(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& x, c10::string_view likelihood, double logvar_value,
+                               bool /*precompute_grads: autograd only*/) {
+  const HeadWants wants{true, false, false, false};
+  const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
+  compute(io, wants);
+  return io.log_prob;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_head_log_prob_with_grads(
+    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& x,
+    c10::string_view likelihood, double logvar_value) {
+  const HeadWants wants{true, true, true, true};
+  const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
+  compute(io, wants);
+  auto [grad_h, grad_weight, grad_bias] = io.grads();
+  return {io.log_prob, grad_h, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_head_log_prob_backward(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& x, c10::string_view likelihood, double logvar_value, bool needs_grad_h, bool needs_grad_weight,
+    bool needs_grad_bias) {
+  const HeadWants wants{false, needs_grad_h, needs_grad_weight, needs_grad_bias};
+  const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, grad, wants);
+  if (wants.any_grad()) compute(io, wants);
+  return io.grads();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
+  m.impl("fused_head_log_prob", &fused_head_log_prob);
+  m.impl("fused_head_log_prob_with_grads", &fused_head_log_prob_with_grads);
+  m.impl("fused_head_log_prob_backward", &fused_head_log_prob_backward);
+}
+
+}  // namespace cpu
+}  // namespace fastvae
