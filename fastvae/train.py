@@ -34,7 +34,7 @@ from .model import VAE
 TERMS = ("elbo", "rec", "kl", "log_q", "log_p")
 # Steps between the NaN guard's checks: one host synchronization (and one snapshot to replay
 # from, a copy of the parameters, gradients and optimizer state) per window instead of per step.
-CHECK_EVERY = 50
+CHECK_EVERY = 100
 
 
 def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
@@ -305,7 +305,7 @@ class Trainer:
         cfg = self.config
         generator = self._epoch_generator(epoch)
         order = torch.randperm(len(self.train_set), generator=generator)  # then the binarization draws
-        num_batches = self.num_batches
+        num_batches = math.ceil(len(self.train_set) / cfg.batch_size)  # 0 for an empty set: no steps
         records = torch.zeros(num_batches, len(TERMS), dtype=torch.float64, device=self.device)
         counts = 0  # examples of this process's shards
         bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=0.5,
