@@ -20,6 +20,7 @@ batch gathering and binarization, everything else).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -56,8 +57,13 @@ def cpu_description() -> str:
     return f"{model} ({isa}), {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_train(folder: Path) -> torch.Tensor:
+    return data_lib.load_dataset(f"mnist:{folder}", "train").images
+
+
 def mnist_images(folder: Path, examples: int) -> torch.Tensor:
-    return data_lib.load_dataset(f"mnist:{folder}", "train").images[:examples]
+    return _mnist_train(Path(folder))[:examples]
 
 
 # ---------------------------------------------------------------------------- providers
