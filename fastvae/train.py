@@ -1,10 +1,12 @@
 """Training: the minibatch SGVB loop of the seed's "Summary", on the fused ops.
 
 For each minibatch of M examples: draw M x L noise values (inside the latent op),
-compute the estimator's gradient, and take an optimizer step. Around that loop:
-a tqdm progress bar with the running ELBO, validation each epoch, a metrics CSV,
-atomic checkpoints that resume bit-for-bit, and a guard that stops on the first
-non-finite loss or gradient, names the term, and leaves the last good checkpoint.
+compute the estimator's gradient, and take a (fused) optimizer step. Around that loop:
+a learning-rate schedule, a tqdm progress bar with the running ELBO, validation each
+epoch, a metrics CSV, atomic checkpoints that resume bit-for-bit, and a guard that stops
+on the first non-finite loss or gradient, names the term and the step, and leaves the
+last good checkpoint. The loop never waits on the device inside a step: the guard and
+the progress bar look at the kept per-step sums once every CHECK_EVERY steps.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from . import data as data_lib
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import OPTIMIZERS, TrainConfig
-from .schedule import LRSchedule, epochs_that_fit
 from .evaluate import evaluate
 from .images import write_pictures
 from .metrics import METRICS_NAME, append_metrics, truncate_metrics
 from .model import VAE
+from .schedule import LRSchedule, epochs_that_fit
 
 
 # The per-step sums kept for the NaN guard and the metrics; the first is the loss's (-elbo).
@@ -264,11 +266,14 @@ class Trainer:
     # -- the epoch: steps checked in windows -------------------------------
     def _snapshot(self, generator: torch.Generator) -> dict:
         """What a window of steps changes, so that a diverged window can be replayed exactly."""
-        clone = lambda value: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)  # noqa: E731
+        def clone(value):
+            return value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
         optimizer_state = self.optimizer.state_dict()
         return {
             "model": {k: v.clone() for k, v in self.model.state_dict().items()},
-            "optimizer": {"state": {k: {n: clone(v) for n, v in s.items()} for k, s in optimizer_state["state"].items()},
+            "optimizer": {"state": {k: {n: clone(v) for n, v in s.items()}
+                                    for k, s in optimizer_state["state"].items()},
                           "param_groups": copy.deepcopy(optimizer_state["param_groups"])},
             "grads": [None if p.grad is None else p.grad.clone() for _, p in self.named_parameters],
             "noise_rng": self.noise.get_state(),
@@ -364,7 +369,8 @@ class Trainer:
             row["examples_per_second"] = round(len(self.train_set) / max(train_seconds, 1e-9), 1)
             row["lr"] = self.schedule.lr(self.step - 1) if self.schedule.annealing else self.config.lr
             epoch_seconds.append(time.perf_counter() - tick)
-            stop = self._plan_after_epoch(epoch, time.perf_counter() - started, epoch_seconds)  # the checkpoint keeps it
+            # Planned before the checkpoint, which keeps the plan.
+            stop = self._plan_after_epoch(epoch, time.perf_counter() - started, epoch_seconds)
             self._check_gradients(f"epoch {epoch}, step {self.step}")  # never checkpoint a bad update
             self.epoch = epoch
             if self.world.is_main:  # one writer: checkpoint and metrics exist once
@@ -398,7 +404,8 @@ class Trainer:
         fits = epochs_that_fit(seconds_left, epoch_seconds) if self.world.is_main else 0
         fits = int(self.world.all_sum([float(fits)])[0])
         if self.schedule.finished(self.step):
-            return f"{self.config.lr_schedule} schedule annealed after epoch {epoch}, in the time budget of {budget} minutes"
+            return (f"{self.config.lr_schedule} schedule annealed after epoch {epoch}, "
+                    f"in the time budget of {budget} minutes")
         if fits == 0:
             return f"{reached} (the {self.config.lr_schedule} schedule was at {self.schedule.progress(self.step):.0%})"
         remaining = min(self.config.epochs - epoch, fits)
