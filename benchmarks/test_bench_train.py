@@ -103,3 +103,30 @@ def test_training_step(benchmark, provider, tmp_path):
     benchmark.group = "train step MLP 784-200-200-50 B=100"
     benchmark.extra_info["examples"] = BATCH
     benchmark(step)
+
+
+# ---------------------------------------------------------------------------- whole epochs
+# `fastvae train`'s loop against the plain loop (and pythae, when installed) on real MNIST:
+# train_compare.py's providers, one epoch per round. --benchmark-disable (the CI smoke run)
+# runs each once on 500 images.
+
+EPOCH_EXAMPLES = 6000
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"no MNIST at {MNIST} (set FASTVAE_MNIST)")
+@pytest.mark.parametrize("provider", ["fastvae", "plain", "pythae"])
+def test_training_epoch(benchmark, provider, tmp_path):
+    import train_compare
+
+    if provider == "pythae" and not train_compare.pythae_available():
+        pytest.skip("pythae is not installed")
+    examples = 500 if benchmark.disabled else EPOCH_EXAMPLES
+    images = train_compare.mnist_images(MNIST, examples)
+    run = {"fastvae": lambda: train_compare.fastvae_epoch(images, str(tmp_path)),
+           "plain": lambda: train_compare.plain_epoch(images),
+           "pythae": lambda: train_compare.pythae_epoch(images)}[provider]()
+    if not benchmark.disabled:
+        run()  # warm-up
+    benchmark.group = f"train epoch MLP 784-200-200-50 B=100 MNIST N={examples}"
+    benchmark.extra_info["examples"] = examples
+    benchmark.pedantic(run, rounds=1 if benchmark.disabled else 5, iterations=1)

@@ -11,7 +11,9 @@ import torch
 
 from .model import LIKELIHOODS, OBJECTIVES
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+              "adagrad": torch.optim.Adagrad}
+LR_SCHEDULES = ("constant", "cosine", "burda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BINARIZE_MODES = ("dynamic", "threshold", "none")
 
@@ -51,6 +53,10 @@ class TrainConfig:
     warmup_epochs: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", flag="--warmup")
     optimizer: str = option("adam", "optimizer", choices=tuple(OPTIMIZERS))
     lr: float = option(1e-3, "learning rate")
+    lr_schedule: str = option("constant", "learning-rate schedule: constant; cosine to zero; burda, the steps of "
+                                          "Burda et al. 2016 (lr * 10^(-i/7) for 3^i of every 3280 epochs, i = 0..7). "
+                                          "cosine and burda span --epochs, or with --max-minutes the epochs that fit "
+                                          "in it (planned from the measured epoch time)", choices=LR_SCHEDULES)
     batch_size: int = option(100, "minibatch size M")
     epochs: int = option(120, "training epochs")
     seed: int = option(0, "seed of weights, shuffling, binarization and noise")
@@ -75,6 +81,9 @@ class TrainConfig:
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
+            (self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}"),
             (self.binarize in BINARIZE_MODES, f"binarize must be one of {BINARIZE_MODES}, got {self.binarize!r}"),
         ]
         for ok, message in checks:

@@ -1,15 +1,18 @@
 """Training: the minibatch SGVB loop of the seed's "Summary", on the fused ops.
 
 For each minibatch of M examples: draw M x L noise values (inside the latent op),
-compute the estimator's gradient, and take an optimizer step. Around that loop:
-a tqdm progress bar with the running ELBO, validation each epoch, a metrics CSV,
-atomic checkpoints that resume bit-for-bit, and a guard that stops on the first
-non-finite loss or gradient, names the term, and leaves the last good checkpoint.
+compute the estimator's gradient, and take a (fused) optimizer step. Around that loop:
+a learning-rate schedule, a tqdm progress bar with the running ELBO, validation each
+epoch, a metrics CSV, atomic checkpoints that resume bit-for-bit, and a guard that stops
+on the first non-finite loss or gradient, names the term and the step, and leaves the
+last good checkpoint. The loop never waits on the device inside a step: the guard and
+the progress bar look at the kept per-step sums once every CHECK_EVERY steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import asdict
@@ -26,6 +29,25 @@ from .evaluate import evaluate
 from .images import write_pictures
 from .metrics import METRICS_NAME, append_metrics, truncate_metrics
 from .model import VAE
+from .schedule import LRSchedule, epochs_that_fit
+
+
+# The per-step sums kept for the NaN guard and the metrics; the first is the loss's (-elbo).
+TERMS = ("elbo", "rec", "kl", "log_q", "log_p")
+# Steps between the NaN guard's checks: one host synchronization (and one snapshot to replay
+# from, a copy of the parameters, gradients and optimizer state) per window instead of per step.
+CHECK_EVERY = 100
+
+
+def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
+    """The optimizer with its fused kernel where torch has one (the whole update in one pass over
+    each parameter), else its foreach form (one multi-tensor kernel per update term)."""
+    parameters = list(parameters)
+    devices = {p.device.type for p in parameters}
+    fused_devices = {"cpu"} if name == "adagrad" else {"cpu", "cuda"}  # torch's fused Adagrad is CPU only
+    if devices <= fused_devices and all(p.is_floating_point() for p in parameters):
+        return OPTIMIZERS[name](parameters, lr=lr, fused=True)
+    return OPTIMIZERS[name](parameters, lr=lr, foreach=True)
 
 
 class TrainingDiverged(RuntimeError):
@@ -58,9 +80,9 @@ class Trainer:
         self.step_module = self.model
         if self.world.size > 1:
             self.step_module = torch.nn.parallel.DistributedDataParallel(self.model)
-        # foreach: one multi-tensor kernel per update term instead of a Python loop over
-        # parameters (PyTorch only picks it by default for CUDA tensors).
-        self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), lr=config.lr, foreach=True)
+        self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
+        self.num_batches = max(1, math.ceil(len(train_set) / config.batch_size))
+        self.schedule = LRSchedule(self.optimizer, config.lr_schedule, config.lr, config.epochs * self.num_batches)
         self.named_parameters = list(self.model.named_parameters())
         # fp16 gradients can overflow: the scaler rescales them and skips the steps whose
         # gradients are not finite, so the gradient checks below leave those to it.
@@ -69,6 +91,7 @@ class Trainer:
         self.noise = torch.Generator(device=self.device).manual_seed(config.seed)
         self.epoch = 0
         self.step = 0
+        self._batch_buffer = self._uniform_buffer = None  # CPU minibatch buffers, made on first use
 
     # -- state ----------------------------------------------------------
     @property
@@ -86,6 +109,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "noise_rng": self.noise.get_state(),
+            "lr_schedule": self.schedule.state_dict(),
             "model_config": self.model.config,
             "train_config": asdict(self.config),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else {},
@@ -99,6 +123,11 @@ class Trainer:
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
+        if "lr_schedule" in state:
+            self.schedule.load_state_dict(state["lr_schedule"])
+        if self.config.max_minutes is None and self.schedule.end_step != self.config.epochs * self.num_batches:
+            # An extended (or formerly time-planned) run: the schedule of a run asked for these epochs.
+            self.schedule.plan(self.config.epochs * self.num_batches)
         if self.world.is_main:
             truncate_metrics(self.metrics_path, self.epoch)
         self.world.barrier()
@@ -126,6 +155,30 @@ class Trainer:
         condition = None
         if self.config.conditional:
             condition = data_lib.one_hot(y, self.train_set.num_classes).to(self.device)
+        return x, condition
+
+    def _gather(self, chosen: torch.Tensor, generator):
+        """The minibatch of training rows `chosen`, binarized, and its condition.
+
+        On CPU the rows are gathered straight into a buffer kept across steps and binarized in
+        place there: the batch is written once by the gather and once by the binarization.
+        """
+        images, labels = self.train_set.images, self.train_set.labels
+        if self.device.type != "cpu":  # a fresh host tensor each step: nothing is overwritten while it is copied
+            x = data_lib.binarize(images[chosen], self.config.binarize_mode, generator=generator)
+            condition = None
+            if self.config.conditional:
+                condition = data_lib.one_hot(labels[chosen], self.train_set.num_classes).to(self.device)
+            return x.to(self.device), condition
+        if self._batch_buffer is None:
+            self._batch_buffer = images.new_empty((self.config.batch_size, *images.shape[1:]))
+            self._uniform_buffer = torch.empty_like(self._batch_buffer)
+        n = len(chosen)
+        x = torch.index_select(images, 0, chosen, out=self._batch_buffer[:n])
+        data_lib.binarize_(x, self.config.binarize_mode, generator=generator, uniforms=self._uniform_buffer[:n])
+        condition = None
+        if self.config.conditional:
+            condition = data_lib.one_hot(labels[chosen], self.train_set.num_classes)
         return x, condition
 
     def _check_finite(self, loss, out, where: str) -> None:
@@ -168,24 +221,36 @@ class Trainer:
         return "training stopped before the first checkpoint was written"
 
     def train_step(self, x, y, *, epoch: int, beta: float, generator=None) -> tuple[torch.Tensor, int]:
-        """One SGVB step on a global minibatch; returns this process's sums (elbo, rec, kl) and example count.
+        """One SGVB step on a global minibatch, checked at once; returns this process's sums
+        (elbo, rec, kl) and example count.
 
         Under torchrun each process binarizes the whole global batch, then takes its contiguous
         rows, so every process sees exactly the data (and noise) a single process would.
         """
-        cfg = self.config
         x, condition = self._prepare(x, y, generator)
+        terms, count = self._step(x, condition, epoch=epoch, beta=beta, check_now=True)
+        return terms[:3], count
+
+    def _step(self, x, condition, *, epoch: int, beta: float, check_now: bool) -> tuple[torch.Tensor, int]:
+        """The step itself; returns the sums of TERMS over this process's rows, still on the device.
+
+        check_now=False leaves the NaN guard to the caller (train_epoch checks the returned
+        sums every CHECK_EVERY steps): no host synchronization inside the step.
+        """
+        cfg = self.config
         global_size = x.shape[0]
         start, stop = self.world.shard(global_size)
         x = x[start:stop]
         condition = condition[start:stop] if condition is not None else None
+        self.schedule.apply(self.step)
         with self._precision():
             out = self.step_module(x, condition, num_samples=cfg.num_samples, objective=cfg.objective,
                                    beta=beta, generator=self.noise, row_offset=start)
+        elbo_sum = out.elbo.sum()
         # -mean over the global batch; DDP averages gradients over processes, hence * world size.
-        loss = -out.elbo.sum() * (self.world.size / global_size)
-        where = f"epoch {epoch}, step {self.step + 1}"
-        self._check_finite(loss, out, where)
+        loss = -elbo_sum * (self.world.size / global_size)
+        if check_now:
+            self._check_finite(loss, out, f"epoch {epoch}, step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -196,27 +261,85 @@ class Trainer:
             self.scaler.update()
         self.step += 1
         with torch.no_grad():
-            return torch.stack([out.elbo.sum(), out.rec.mean(0).sum(), out.kl.sum()]), x.shape[0]
+            return torch.stack([elbo_sum, out.rec.mean(0).sum(), out.kl.sum(), out.log_q.sum(),
+                                out.log_p.sum()]), x.shape[0]
+
+    # -- the epoch: steps checked in windows -------------------------------
+    def _snapshot(self, generator: torch.Generator) -> dict:
+        """What a window of steps changes, so that a diverged window can be replayed exactly."""
+        def clone(value):
+            return value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+        optimizer_state = self.optimizer.state_dict()
+        return {
+            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "optimizer": {"state": {k: {n: clone(v) for n, v in s.items()}
+                                    for k, s in optimizer_state["state"].items()},
+                          "param_groups": copy.deepcopy(optimizer_state["param_groups"])},
+            "grads": [None if p.grad is None else p.grad.clone() for _, p in self.named_parameters],
+            "noise_rng": self.noise.get_state(),
+            "epoch_rng": generator.get_state(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+        }
+
+    def _restore(self, snapshot: dict, generator: torch.Generator) -> None:
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        for (_, p), grad in zip(self.named_parameters, snapshot["grads"]):
+            p.grad = grad
+        self.noise.set_state(snapshot["noise_rng"])
+        generator.set_state(snapshot["epoch_rng"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(snapshot["grad_scaler"])
+        self.step = snapshot["step"]
+
+    def _replay_diverged(self, snapshot, generator, epoch: int, steps: list, records: torch.Tensor) -> None:
+        """A window held a non-finite loss: replay it from its snapshot with the guard checking
+        every step, which stops at the first bad one and names the term (or the gradient before it)."""
+        self._restore(snapshot, generator)
+        for chosen, beta in steps:
+            x, condition = self._gather(chosen, generator)
+            self._step(x, condition, epoch=epoch, beta=beta, check_now=True)
+        # The replay ran clean (a nondeterministic kernel?): report what the window recorded.
+        bad = int(torch.nonzero(~torch.isfinite(records[:, 0]))[0, 0])
+        where = f"epoch {epoch}, step {snapshot['step'] + bad + 1}"
+        raise TrainingDiverged(f"non-finite loss at {where}; {self._kept_message()}")
 
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
         cfg = self.config
         generator = self._epoch_generator(epoch)
-        images, labels = self.train_set.images, self.train_set.labels
-        num_batches = max(1, math.ceil(len(images) / cfg.batch_size))
-        sums, seen = torch.zeros(3, dtype=torch.float64), 0  # elbo, rec, kl; examples (this process's shard)
-        bar = tqdm(data_lib.batches(images, labels, cfg.batch_size, shuffle=True, generator=generator),
-                   total=num_batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=0.5,
+        order = torch.randperm(len(self.train_set), generator=generator)  # then the binarization draws
+        num_batches = math.ceil(len(self.train_set) / cfg.batch_size)  # 0 for an empty set: no steps
+        records = torch.zeros(num_batches, len(TERMS), dtype=torch.float64, device=self.device)
+        counts = 0  # examples of this process's shards
+        bar = tqdm(total=num_batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, mininterval=0.5,
                    disable=not self.world.is_main)
-        for i, (x, y) in enumerate(bar):
+        window_start, snapshot, window = 0, self._snapshot(generator), []
+        for i in range(num_batches):
+            chosen = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             beta = self._beta(epoch - 1 + i / num_batches)
-            step_sums, count = self.train_step(x, y, epoch=epoch, beta=beta, generator=generator)
-            sums += step_sums.to("cpu", torch.float64)
-            seen += count
-            if i % 20 == 0 and self.world.is_main:  # the running ELBO, without a sync every step
-                bar.set_postfix(elbo=f"{sums[0].item() / max(seen, 1):.2f}")
+            window.append((chosen, beta))
+            x, condition = self._gather(chosen, generator)
+            step_terms, count = self._step(x, condition, epoch=epoch, beta=beta, check_now=False)
+            records[i] = step_terms
+            counts += count
+            if len(window) == CHECK_EVERY or i == num_batches - 1:
+                # One host synchronization per window: the NaN guard and the progress bar.
+                recorded = records[window_start:i + 1]
+                finite = bool(torch.isfinite(recorded[:, 0]).all())
+                if self.world.all_sum([0.0 if finite else 1.0])[0] > 0:
+                    self._replay_diverged(snapshot, generator, epoch, window, recorded)
+                bar.update(len(window))
+                if self.world.is_main:
+                    bar.set_postfix(elbo=f"{records[:i + 1, 0].sum().item() / max(counts, 1):.2f}")
+                window_start, window = i + 1, []
+                if i < num_batches - 1:
+                    snapshot = self._snapshot(generator)
         bar.close()
-        elbo, rec, kl, seen = self.world.all_sum([*sums.tolist(), float(seen)])
+        elbo, rec, kl = records[:, :3].sum(0).tolist()
+        elbo, rec, kl, seen = self.world.all_sum([elbo, rec, kl, float(counts)])
         return {"train_elbo": elbo / max(seen, 1), "train_rec": rec / max(seen, 1), "train_kl": kl / max(seen, 1)}
 
     def validate(self, epoch: int) -> dict:
@@ -236,7 +359,7 @@ class Trainer:
         elif self.world.is_main and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run starts a fresh metrics file
         started = time.perf_counter()
-        history = []
+        history, epoch_seconds = [], []
         for epoch in range(self.epoch + 1, self.config.epochs + 1):
             tick = time.perf_counter()
             row = {"epoch": epoch, **self.train_epoch(epoch)}
@@ -245,6 +368,10 @@ class Trainer:
                 row.update(self.validate(epoch))
             row["seconds"] = round(train_seconds, 3)
             row["examples_per_second"] = round(len(self.train_set) / max(train_seconds, 1e-9), 1)
+            row["lr"] = self.schedule.lr(self.step - 1) if self.schedule.annealing else self.config.lr
+            epoch_seconds.append(time.perf_counter() - tick)
+            # Planned before the checkpoint, which keeps the plan.
+            stop = self._plan_after_epoch(epoch, time.perf_counter() - started, epoch_seconds)
             self._check_gradients(f"epoch {epoch}, step {self.step}")  # never checkpoint a bad update
             self.epoch = epoch
             if self.world.is_main:  # one writer: checkpoint and metrics exist once
@@ -253,12 +380,39 @@ class Trainer:
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             self.world.barrier()
             history.append(row)
-            out_of_time = self.config.max_minutes and time.perf_counter() - started > 60 * self.config.max_minutes
-            if self.world.all_sum([1.0 if out_of_time else 0.0])[0] > 0:  # all processes stop together
+            if stop:
                 if self.world.is_main:
-                    tqdm.write(f"time budget of {self.config.max_minutes} minutes reached after epoch {epoch}")
+                    tqdm.write(stop)
                 break
         return history
+
+    def _plan_after_epoch(self, epoch: int, elapsed: float, epoch_seconds: list[float]) -> str | None:
+        """Re-plan the learning-rate schedule for the time left; the reason to stop now, if any.
+
+        Without --max-minutes the schedule spans --epochs and nothing changes here. With it, a
+        constant rate runs until the epoch that crosses the budget (as it always did); cosine and
+        burda end where the epochs that still fit end, judged from the recent epochs' time, so
+        the last epoch before the budget runs at the schedule's end. Process 0's clock decides for all.
+        """
+        budget = self.config.max_minutes
+        if budget is None:
+            return None
+        seconds_left = 60 * budget - elapsed
+        reached = f"time budget of {budget} minutes reached after epoch {epoch}"
+        if not self.schedule.annealing:
+            out_of_time = self.world.all_sum([1.0 if seconds_left < 0 else 0.0])[0] > 0
+            return reached if out_of_time else None
+        fits = epochs_that_fit(seconds_left, epoch_seconds) if self.world.is_main else 0
+        fits = int(self.world.all_sum([float(fits)])[0])
+        if self.schedule.finished(self.step):
+            return (f"{self.config.lr_schedule} schedule annealed after epoch {epoch}, "
+                    f"in the time budget of {budget} minutes")
+        if fits == 0:
+            return f"{reached} (the {self.config.lr_schedule} schedule was at {self.schedule.progress(self.step):.0%})"
+        remaining = min(self.config.epochs - epoch, fits)
+        if remaining > 0:
+            self.schedule.replan(self.step, remaining * self.num_batches)
+        return None
 
 
 def split_validation(dataset, fraction: float):

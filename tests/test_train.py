@@ -10,7 +10,9 @@ from fastvae import data as data_lib
 from fastvae.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
 from fastvae.config import TrainConfig
 from fastvae.metrics import read_metrics
-from fastvae.train import Trainer, TrainingDiverged, split_validation, train
+from fastvae import train as train_module
+from fastvae.schedule import BURDA_EPOCHS, schedule_factor
+from fastvae.train import Trainer, TrainingDiverged, make_optimizer, split_validation, train
 
 
 def small_config(tmp_path, **overrides):
@@ -143,3 +145,137 @@ def test_bf16_training_stays_close_to_float32(tmp_path, digits):
     fp32 = Trainer(small_config(tmp_path / "fp32", epochs=3), *digits).fit()
     bf16 = Trainer(small_config(tmp_path / "bf16", epochs=3, precision="bf16"), *digits).fit()
     assert bf16[-1]["train_elbo"] == pytest.approx(fp32[-1]["train_elbo"], abs=1.0)
+
+
+# ---------------------------------------------------------------------------- the lean loop
+
+
+def test_optimizers_use_fused_kernels_and_adamw_trains(tmp_path, digits):
+    trainer = Trainer(small_config(tmp_path, epochs=1, optimizer="adamw"), *digits)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.optimizer.defaults["fused"]
+    assert math.isfinite(trainer.fit()[0]["train_elbo"])
+    for name in ("adam", "sgd", "adagrad"):
+        assert make_optimizer(name, [torch.nn.Parameter(torch.zeros(2))], 0.1).defaults["fused"], name
+    # Parameters fused kernels do not take fall back to foreach instead of failing.
+    meta = make_optimizer("adam", [torch.nn.Parameter(torch.zeros(2, device="meta"))], 0.1)
+    assert meta.defaults["foreach"] and not meta.defaults["fused"]
+
+
+def test_in_place_binarization_draws_what_binarize_draws():
+    x = torch.rand(7, 1, 4, 4)
+    for mode in ("dynamic", "threshold", "none"):
+        expected = data_lib.binarize(x, mode, generator=torch.Generator().manual_seed(3))
+        got = data_lib.binarize_(x.clone(), mode, generator=torch.Generator().manual_seed(3),
+                                 uniforms=torch.empty_like(x))
+        assert torch.equal(got, expected), mode
+    # u < p is a Bernoulli(p) draw: the mean of many draws is p, 0 stays 0 and 1 stays 1.
+    p = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]).expand(200_000, 5)
+    draws = data_lib.binarize(p, "dynamic", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draws.mean(0), p[0], atol=4e-3, rtol=0)
+    assert draws[:, 0].max() == 0 and draws[:, 4].min() == 1
+
+
+@pytest.mark.parametrize("check_every", [1, 4, 1000])
+def test_nan_guard_names_the_same_step_whatever_the_check_window(tmp_path, digits, monkeypatch, check_every):
+    """The guard checks once per window and replays the window to find and name the first bad step."""
+    monkeypatch.setattr(train_module, "CHECK_EVERY", check_every)
+    trainer = Trainer(small_config(tmp_path, epochs=2), *digits)
+    bad_step = 23  # in epoch 2 (16 steps per epoch)
+    original = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if trainer.step + 1 == bad_step:
+            out.kl.data.fill_(float("inf"))
+            out.elbo.data.fill_(float("-inf"))
+        return out
+
+    trainer.model.forward = poisoned
+    with pytest.raises(TrainingDiverged, match=rf"non-finite KL at epoch 2, step {bad_step};.*epoch 1\) is kept"):
+        trainer.fit()
+    assert load_checkpoint(trainer.checkpoint_path)["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------- learning-rate schedules
+
+
+def test_schedule_shapes():
+    assert schedule_factor("constant", 0.7) == 1.0
+    assert schedule_factor("cosine", 0.0) == 1.0 and schedule_factor("cosine", 1.0) == 0.0
+    assert schedule_factor("cosine", 0.5) == pytest.approx(0.5)
+    # Burda et al.: 3^i of 3280 epochs at 10^(-i/7).
+    assert BURDA_EPOCHS == 3280
+    factors = [schedule_factor("burda", (epoch + 0.5) / BURDA_EPOCHS) for epoch in range(BURDA_EPOCHS)]
+    expected = [10 ** (-i / 7) for i in range(8) for _ in range(3**i)]
+    assert factors == pytest.approx(expected)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        schedule_factor("linear", 0.5)
+
+
+def test_cosine_anneals_to_zero_over_the_run(tmp_path, digits):
+    trainer = Trainer(small_config(tmp_path, epochs=3, lr_schedule="cosine"), *digits)
+    history = trainer.fit()
+    lrs = [row["lr"] for row in history]
+    assert lrs[0] < 3e-3 and lrs == sorted(lrs, reverse=True)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.schedule.lr(trainer.step - 1))
+    assert trainer.schedule.lr(trainer.step) == 0.0 and trainer.schedule.finished(trainer.step)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "burda"])
+def test_resume_with_a_schedule_matches_an_uninterrupted_run(tmp_path, digits, schedule):
+    straight = Trainer(small_config(tmp_path / "a", epochs=4, lr_schedule=schedule), *digits)
+    straight.fit()
+
+    first = Trainer(small_config(tmp_path / "b", epochs=4, lr_schedule=schedule), *digits)
+    run_epoch = first.train_epoch
+
+    def killed_in_epoch_3(epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return run_epoch(epoch)
+
+    first.train_epoch = killed_in_epoch_3
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = Trainer(small_config(tmp_path / "b", epochs=4, lr_schedule=schedule), *digits)
+    resumed.fit(resume=True)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    a, b = read_metrics(straight.metrics_path), read_metrics(resumed.metrics_path)
+    assert [(r["train_elbo"], r["lr"]) for r in a] == [(r["train_elbo"], r["lr"]) for r in b]
+
+
+def test_time_budget_plans_the_schedule_from_the_epoch_time(tmp_path, digits, monkeypatch):
+    """A fake clock: every epoch takes 10 s; a 1-minute budget fits 6 epochs of the 100 asked for."""
+    now = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
+    trainer = Trainer(small_config(tmp_path, epochs=100, lr_schedule="cosine", max_minutes=1.0), *digits)
+    run_epoch = trainer.train_epoch
+
+    def ten_second_epoch(epoch):
+        now[0] += 10.0
+        return run_epoch(epoch)
+
+    trainer.train_epoch = ten_second_epoch
+    history = trainer.fit()
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5, 6]
+    assert trainer.schedule.finished(trainer.step) and history[-1]["lr"] < 1e-4
+    assert all(later <= earlier for earlier, later in zip([r["lr"] for r in history], [r["lr"] for r in history][1:]))
+    # The plan is in the checkpoint: a resumed run goes on from it.
+    saved = load_checkpoint(trainer.checkpoint_path)["lr_schedule"]
+    assert saved == trainer.schedule.state_dict() and saved["end_step"] == trainer.step
+
+
+def test_extending_a_scheduled_run_replans_it_for_the_new_epoch_count(tmp_path, digits):
+    Trainer(small_config(tmp_path, epochs=2, lr_schedule="cosine"), *digits).fit()
+    extended = Trainer(small_config(tmp_path, epochs=4, lr_schedule="cosine"), *digits)
+    extended.resume()
+    assert extended.schedule.end_step == 4 * extended.num_batches
+    assert extended.schedule.lr(extended.step) == pytest.approx(3e-3 * 0.5)
+
+
+def test_bad_schedule_options(tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule"):
+        small_config(tmp_path, lr_schedule="linear").validate()
+    with pytest.raises(ValueError, match="max_minutes"):
+        small_config(tmp_path, max_minutes=0.0).validate()
