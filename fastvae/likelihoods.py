@@ -78,8 +78,10 @@ class Likelihood:
 
     def check_data(self, x: Tensor, what: str = "the data") -> None:
         """Raise ValueError unless x is data this likelihood models."""
-        kind = data_kind(x)
-        if DATA_KINDS.index(kind) > DATA_KINDS.index(self.data):
+        if not _all_fit(x, "real"):
+            raise ValueError(f"{what} contains NaN or infinite values")
+        if not _all_fit(x, self.data):
+            kind = data_kind(x)
             raise ValueError(f"the {self.name} likelihood models {DATA_DESCRIPTIONS[self.data]} data, but {what} "
                              f"is {DATA_DESCRIPTIONS[kind]}; choose another --likelihood (see `fastvae list`)")
 
@@ -110,23 +112,29 @@ def reload_plugins() -> None:
 
 
 # ----------------------------------------------------------------------------- data kinds
+_CHUNK = 1 << 22  # elements checked at once: a data set is checked without copying it whole
+
+
+def _fits(chunk: Tensor, kind: str) -> bool:
+    """Whether every value of chunk is data of `kind` (NaN fits none)."""
+    if kind == "real":
+        return bool(torch.isfinite(chunk).all())
+    if kind == "binary":
+        return bool(((chunk == 0) | (chunk == 1)).all())
+    in_unit = bool(((chunk >= 0) & (chunk <= 1)).all())
+    if kind == "unit" or not in_unit:
+        return in_unit
+    levels = chunk.float() * 255  # float32 holds k/255 to within 1e-7 of the level: far inside the tolerance
+    return bool(((levels - levels.round()).abs() < 1e-3).all())
+
+
+def _all_fit(x: Tensor, kind: str) -> bool:
+    return all(_fits(chunk, kind) for chunk in x.detach().reshape(-1).split(_CHUNK))
+
+
 def data_kind(x: Tensor) -> str:
-    """The narrowest of DATA_KINDS that x belongs to."""
-    if x.numel() == 0:
-        return DATA_KINDS[0]
-    x = x.detach()
-    if not bool(torch.isfinite(x).all()):
-        return "real"  # NaN and inf: no likelihood's data check passes them
-    low, high = (float(v) for v in torch.aminmax(x))
-    if low < 0.0 or high > 1.0:
-        return "real"
-    if bool(((x == 0) | (x == 1)).all()):
-        return "binary"
-    levels = x.double() * 255.0
-    # float32 images hold k/255 to within 1e-7 of the level: far inside this tolerance.
-    if bool(((levels - levels.round()).abs() < 1e-3).all()):
-        return "8bit"
-    return "unit"
+    """The narrowest of DATA_KINDS that x belongs to ("real" also for NaN and inf)."""
+    return next((kind for kind in DATA_KINDS[:-1] if _all_fit(x, kind)), "real")
 
 
 def resolve_auto(images: Tensor, binary_benchmark: bool = False) -> tuple[str, str]:

@@ -143,6 +143,8 @@ def test_a_likelihood_rejects_data_it_does_not_model():
         likelihoods.get("bernoulli").check_data(torch.tensor([0.5, 2.0]), "x")
     likelihoods.get("bernoulli").check_data(torch.tensor([0.5, 0.25]))
     likelihoods.get("gaussian").check_data(torch.tensor([-3.0, 2.0]))
+    with pytest.raises(ValueError, match="x contains NaN or infinite values"):
+        likelihoods.get("gaussian").check_data(torch.tensor([0.5, float("inf")]), "x")
 
 
 def test_the_trainer_checks_the_data_against_the_likelihood(tmp_path):
