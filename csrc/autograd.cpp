@@ -9,6 +9,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <string>
+#include <type_traits>
+
+#include "fastvae.h"
+
 namespace fastvae {
 namespace {
 
@@ -45,10 +50,11 @@ using LatentSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, cons
 using LatentBackwardSig = std::tuple<Tensor, Tensor>(const optional<Tensor>&, const optional<Tensor>&,
                                                      const optional<Tensor>&, const optional<Tensor>&,
                                                      const Tensor&, const Tensor&, const Tensor&, bool);
-using BernoulliSig = Tensor(const Tensor&, const Tensor&);
-using BernoulliBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool);
-using GaussianSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, double);
-using GaussianBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+// The two schema shapes of the likelihood ops (csrc/fastvae.h, "Fused likelihoods").
+using OneParamSig = Tensor(const Tensor&, const Tensor&);
+using OneParamBackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool);
+using TwoParamSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, double);
+using TwoParamBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                const optional<Tensor>&, double, bool);
 
 class LatentTerms : public torch::autograd::Function<LatentTerms> {
@@ -78,44 +84,56 @@ class LatentTerms : public torch::autograd::Function<LatentTerms> {
   }
 };
 
-class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
+// The handle of op "fastvae::<name>" (the name is copied by the lookup).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_fastvae_op(const char* name) {
+  return find_op<Signature>((std::string("fastvae::") + name).c_str());
+}
+
+// Autograd of a one-parameter likelihood D (Bernoulli, continuous Bernoulli):
+// gradients for the parameters and, when x requires it, for x.
+template <class D>
+class OneParamLogProb : public torch::autograd::Function<OneParamLogProb<D>> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& logits, const Tensor& x) {
-    static const auto op = find_op<BernoulliSig>("fastvae::bernoulli_log_prob");
+  static Tensor forward(AutogradContext* ctx, const Tensor& params, const Tensor& x) {
+    static const auto op = find_fastvae_op<OneParamSig>(D::kForwardOp);
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({logits, x});
-    return op.call(logits, x);
+    ctx->save_for_backward({params, x});
+    return op.call(params, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<BernoulliBackwardSig>("fastvae::bernoulli_log_prob_backward");
+    static const auto op = find_fastvae_op<OneParamBackwardSig>(D::kBackwardOp);
     const auto saved = ctx->get_saved_variables();
     const bool needs_grad_x = ctx->needs_input_grad(1);
     BelowAutogradUnlessDoubleBackward guard;
-    auto [grad_logits, grad_x] = op.call(grads[0], saved[0], saved[1], needs_grad_x);
-    return {grad_logits, needs_grad_x ? grad_x : Tensor()};
+    auto [grad_params, grad_x] = op.call(grads[0], saved[0], saved[1], needs_grad_x);
+    return {grad_params, needs_grad_x ? grad_x : Tensor()};
   }
 };
 
-class GaussianLogProb : public torch::autograd::Function<GaussianLogProb> {
+// Autograd of a two-parameter likelihood D (Gaussian, discretized logistic):
+// the second parameter is a tensor (it gets a gradient) or one float (it does not).
+template <class D>
+class TwoParamLogProb : public torch::autograd::Function<TwoParamLogProb<D>> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& mean, const Tensor& x, const optional<Tensor>& logvar,
-                        double logvar_value) {
-    static const auto op = find_op<GaussianSig>("fastvae::gaussian_log_prob");
+  static Tensor forward(AutogradContext* ctx, const Tensor& params, const Tensor& x, const optional<Tensor>& second,
+                        double second_value) {
+    static const auto op = find_fastvae_op<TwoParamSig>(D::kForwardOp);
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({mean, x, logvar.value_or(Tensor())});
-    ctx->saved_data["logvar_value"] = logvar_value;
-    return op.call(mean, x, logvar, logvar_value);
+    ctx->save_for_backward({params, x, second.value_or(Tensor())});
+    ctx->saved_data["second_value"] = second_value;
+    return op.call(params, x, second, second_value);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<GaussianBackwardSig>("fastvae::gaussian_log_prob_backward");
+    static const auto op = find_fastvae_op<TwoParamBackwardSig>(D::kBackwardOp);
     const auto saved = ctx->get_saved_variables();
     const bool needs_grad_x = ctx->needs_input_grad(1);
     BelowAutogradUnlessDoubleBackward guard;
-    auto [grad_mean, grad_logvar, grad_x] = op.call(grads[0], saved[0], saved[1], defined_or_none(saved[2]),
-                                                    ctx->saved_data["logvar_value"].toDouble(), needs_grad_x);
-    return {grad_mean, needs_grad_x ? grad_x : Tensor(), saved[2].defined() ? grad_logvar : Tensor(), Tensor()};
+    auto [grad_params, grad_second, grad_x] = op.call(grads[0], saved[0], saved[1], defined_or_none(saved[2]),
+                                                      ctx->saved_data["second_value"].toDouble(), needs_grad_x);
+    return {grad_params, needs_grad_x ? grad_x : Tensor(), saved[2].defined() ? grad_second : Tensor(), Tensor()};
   }
 };
 
@@ -127,21 +145,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> latent_terms_autograd(const Tensor& m
   return {out[0], out[1], out[2], out[3]};
 }
 
-Tensor bernoulli_log_prob_autograd(const Tensor& logits, const Tensor& x) {
-  return BernoulliLogProb::apply(logits, x);
+template <class D>
+Tensor one_param_autograd(const Tensor& params, const Tensor& x) {
+  return OneParamLogProb<D>::apply(params, x);
 }
 
-Tensor gaussian_log_prob_autograd(const Tensor& mean, const Tensor& x, const optional<Tensor>& logvar,
-                                  double logvar_value) {
-  return GaussianLogProb::apply(mean, x, logvar, logvar_value);
+template <class D>
+Tensor two_param_autograd(const Tensor& params, const Tensor& x, const optional<Tensor>& second,
+                          double second_value) {
+  return TwoParamLogProb<D>::apply(params, x, second, second_value);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastvae, Autograd, m) {
   m.impl("latent_terms", &latent_terms_autograd);
-  m.impl("bernoulli_log_prob", &bernoulli_log_prob_autograd);
-  m.impl("gaussian_log_prob", &gaussian_log_prob_autograd);
+  for_each_likelihood(FusedLikelihoods{}, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    if constexpr (has_second<D>()) {
+      m.impl(D::kForwardOp, &two_param_autograd<D>);
+    } else {
+      m.impl(D::kForwardOp, &one_param_autograd<D>);
+    }
+  });
 }
 
 }  // namespace fastvae

@@ -310,4 +310,318 @@ FASTVAE_FN void gaussian_grads(T mean, T x, T inv_var, T* grad_mean, T* grad_log
   *grad_logvar = T(0.5) * ((x - mean) * scaled - T(1));
 }
 
+// ---------------------------------------------------------------------------
+// Helpers of the continuous Bernoulli and the discretized logistic.
+// ---------------------------------------------------------------------------
+constexpr double kLn2 = 0.69314718055994530941723212145818;
+
+// log(x) for any float x, written like log_unit_interval but valid for every
+// positive float (subnormals are scaled into the normal range first); 0 gives
+// -inf, +inf gives +inf, a negative x or NaN gives NaN. Error < 2 float ulps.
+FASTVAE_FN float log_poly(float x) {
+  const bool subnormal = x < 1.17549435e-38f;  // FLT_MIN
+  const float scaled = subnormal ? x * 8388608.0f : x;  // * 2^23
+  const uint32_t bits = float_to_bits(scaled);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xff) - 127 - (subnormal ? 23 : 0);
+  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  const bool big = m > 1.41421356237f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float s = (m - 1.0f) / (m + 1.0f);
+  const float s2 = s * s;
+  float p = 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  const float result = 2.0f * s * p + static_cast<float>(e) * 0.693147180559945309f;
+  const float kInf = bits_to_float(0x7f800000u);
+  const float special = x == 0.0f ? -kInf : (x == kInf ? kInf : bits_to_float(0x7fc00000u));
+  return x > 0.0f && x < kInf ? result : special;
+}
+
+// log and log1p for the accumulation type, following exp_of: polynomials in
+// float on the CPU (vectorizable), the device's intrinsics in CUDA float, libm in double.
+FASTVAE_FN float log_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return log_poly(x);
+#endif
+}
+FASTVAE_FN double log_of(double x) { return log(x); }
+
+template <typename T>
+FASTVAE_FN T relu(T v) {
+  return v > T(0) ? v : T(0);  // NaN -> 0: callers add a term that carries the NaN
+}
+
+// softplus(v) = log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|)), exact for every v.
+template <typename T>
+FASTVAE_FN T softplus(T v) {
+  return relu(v) + log1p_exp_neg_abs(v);
+}
+
+// sigmoid(v) from exp(-|v|), which never overflows.
+template <typename T>
+FASTVAE_FN T sigmoid(T v) {
+  const T e = exp_of(v > T(0) ? -v : v);
+  return v > T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+// Below this argument the functions of a and exp(-a) below switch from their
+// closed forms (which cancel as 1 - exp(-a) -> 0) to power series. At a < 1/2
+// the series' terms shrink by (a / 2pi)^2 < 0.0064 each, so the 8 terms below
+// reach float64 rounding; above it, 1 - exp(-a) > 0.39 loses no digits.
+constexpr double kSeriesCutoff = 0.5;
+
+// E(a^2) = sum_{k>=1} B_2k a^(2k-2) / (2k)! (B_2k the Bernoulli numbers), so that
+//   a / (e^a - 1)                 = 1 - a/2 + a^2 E(a^2)
+//   1 / (1 - e^-a) - 1/a          = 1/2 + a E(a^2)
+template <typename T>
+FASTVAE_FN T bernoulli_number_series(T a2) {
+  T p = T(-3.389680296322582866830195e-13);
+  p = p * a2 + T(1.338253653068467883282698e-11);
+  p = p * a2 + T(-5.284190138687493184847682e-10);
+  p = p * a2 + T(2.087675698786809897921009e-08);
+  p = p * a2 + T(-8.267195767195767195767196e-07);
+  p = p * a2 + T(3.306878306878306878306878e-05);
+  p = p * a2 + T(-1.388888888888888888888889e-03);
+  p = p * a2 + T(8.333333333333333333333333e-02);
+  return p;
+}
+
+// F(a^2) = sum_{k>=1} B_2k a^(2k-2) / (2k (2k)!), the integral of a E(a^2) over a:
+//   log(a / (1 - e^-a))           = a/2 - a^2 F(a^2)
+template <typename T>
+FASTVAE_FN T log_bernoulli_number_series(T a2) {
+  T p = T(-2.118550185201614291768872e-14);
+  p = p * a2 + T(9.558954664774770594876415e-13);
+  p = p * a2 + T(-4.403491782239577654039735e-11);
+  p = p * a2 + T(2.087675698786809897921009e-09);
+  p = p * a2 + T(-1.033399470899470899470899e-07);
+  p = p * a2 + T(5.511463844797178130511464e-06);
+  p = p * a2 + T(-3.472222222222222222222222e-04);
+  p = p * a2 + T(4.166666666666666666666667e-02);
+  return p;
+}
+
+// log(a / (1 - e^-a)) for a >= 0 (0 at a = 0), given e = exp(-a).
+template <typename T>
+FASTVAE_FN T log_a_over_one_minus_exp(T a, T e) {
+  const bool small = a < T(kSeriesCutoff);
+  const T series = a * (T(0.5) - a * log_bernoulli_number_series(a * a));
+  const T direct = log_of(small ? T(1) : a / (T(1) - e));
+  return small ? series : direct;
+}
+
+// log(1 - e^-a) for a >= 0, given e = exp(-a): log(a) - log(a / (1 - e^-a)) by
+// the series for small a, where 1 - e^-a cancels; log(1 - e) directly above.
+template <typename T>
+FASTVAE_FN T log_one_minus_exp(T a, T e) {
+  const bool small = a < T(kSeriesCutoff);
+  const T correction = small ? a * (T(0.5) - a * log_bernoulli_number_series(a * a)) : T(0);
+  return log_of(small ? a : T(1) - e) - correction;
+}
+
+// a / (e^a - 1) for a >= 0 (1 at a = 0), given e = exp(-a).
+template <typename T>
+FASTVAE_FN T a_over_expm1(T a, T e) {
+  const T series = T(1) - a * (T(0.5) - a * bernoulli_number_series(a * a));
+  const T direct = a * e / (T(1) - e);
+  return a < T(kSeriesCutoff) ? series : direct;
+}
+
+// ---------------------------------------------------------------------------
+// Fused likelihoods: one traits struct per distribution.
+//
+// The generic CPU row loop (csrc/cpu/likelihood.cpp), the CUDA kernel
+// templates (csrc/cuda/likelihood.cu) and the autograd wrappers
+// (csrc/autograd.cpp) take everything about a likelihood from its struct:
+//
+//   kForwardOp, kBackwardOp  op names; their schemas are in csrc/ops.cpp. One
+//                            parameter: (params, x) -> (rows) and (grad, params,
+//                            x, needs_grad_x) -> (grad_params, grad_x). Two:
+//                            (params, x, second?, second_value) -> (rows) and
+//                            (grad, params, x, second?, second_value,
+//                            needs_grad_x) -> (grad_params, grad_second, grad_x).
+//   kParamName, kSecondName  argument names for error messages (kSecondName
+//                            nullptr: one parameter)
+//   Second<T>, second(v)     what the element functions receive for the second
+//                            parameter, made from its value (once per element
+//                            for a tensor, once per call for a float)
+//   log_prob(p, s, x)        one element's log-density
+//   grads(p, s, x)           its derivatives in p, in the second parameter, and in x
+//   row_constant<T>(P)       a term added once per row of P elements
+//
+// Adding one: a struct here, its name in FusedLikelihoods below, its schema in
+// csrc/ops.cpp (README, "Adding a fused likelihood").
+// ---------------------------------------------------------------------------
+template <typename T>
+struct LikelihoodGrads {
+  T param, second, x;
+};
+
+struct NoSecond {};  // the second parameter of a one-parameter likelihood
+
+// Bernoulli from logits: log p = x*a - softplus(a).
+struct BernoulliLikelihood {
+  static constexpr const char* kForwardOp = "bernoulli_log_prob";
+  static constexpr const char* kBackwardOp = "bernoulli_log_prob_backward";
+  static constexpr const char* kParamName = "logits";
+  static constexpr const char* kSecondName = nullptr;
+  template <typename T>
+  using Second = NoSecond;
+  template <typename T>
+  static FASTVAE_FN NoSecond second(T) { return {}; }
+  template <typename T>
+  static FASTVAE_FN T log_prob(T logit, NoSecond, T x) { return bernoulli_log_prob(logit, x); }
+  template <typename T>
+  static FASTVAE_FN LikelihoodGrads<T> grads(T logit, NoSecond, T x) {
+    return {bernoulli_grad_logit(logit, x), T(0), logit};  // d/dx (x*a) = a
+  }
+  template <typename T>
+  static FASTVAE_FN T row_constant(int64_t) { return T(0); }
+};
+
+// Gaussian with mean and log-variance (a tensor, or one float for every element).
+struct GaussianLikelihood {
+  static constexpr const char* kForwardOp = "gaussian_log_prob";
+  static constexpr const char* kBackwardOp = "gaussian_log_prob_backward";
+  static constexpr const char* kParamName = "mean";
+  static constexpr const char* kSecondName = "logvar";
+  template <typename T>
+  struct Second {
+    T logvar, inv_var;
+  };
+  template <typename T>
+  static FASTVAE_FN Second<T> second(T logvar) { return {logvar, exp_of(-logvar)}; }
+  template <typename T>
+  static FASTVAE_FN T log_prob(T mean, Second<T> s, T x) { return gaussian_log_prob(mean, x, s.logvar, s.inv_var); }
+  template <typename T>
+  static FASTVAE_FN LikelihoodGrads<T> grads(T mean, Second<T> s, T x) {
+    T dm, ds;
+    gaussian_grads(mean, x, s.inv_var, &dm, &ds);
+    return {dm, ds, -dm};  // d/dx = -d/dm
+  }
+  template <typename T>
+  static FASTVAE_FN T row_constant(int64_t pixels) { return T(-0.5 * kLog2Pi) * static_cast<T>(pixels); }
+};
+
+// Continuous Bernoulli from logits (Loaiza-Ganem & Cunningham 2019), x in [0, 1]:
+//   log p = x*eta - softplus(eta) + log C(eta),  C(eta) = eta / tanh(eta/2)  (2 at eta = 0).
+// With a = |eta|, tanh(a/2) = (1 - e^-a) / (1 + e^-a) and softplus(eta) =
+// relu(eta) + log(1 + e^-a), so the log(1 + e^-a) terms cancel:
+//   log p = x*eta - relu(eta) + log(a / (1 - e^-a)),
+// exact at every logit: no probability is formed, nothing is clamped.
+// d/deta = x - mean(eta), mean(eta) = 1/(1 - e^-eta) - 1/eta (1/2 at 0); d/dx = eta.
+struct ContinuousBernoulliLikelihood {
+  static constexpr const char* kForwardOp = "continuous_bernoulli_log_prob";
+  static constexpr const char* kBackwardOp = "continuous_bernoulli_log_prob_backward";
+  static constexpr const char* kParamName = "logits";
+  static constexpr const char* kSecondName = nullptr;
+  template <typename T>
+  using Second = NoSecond;
+  template <typename T>
+  static FASTVAE_FN NoSecond second(T) { return {}; }
+  template <typename T>
+  static FASTVAE_FN T log_prob(T logit, NoSecond, T x) {
+    const T a = logit < T(0) ? -logit : logit;
+    // x*eta - relu(eta) as (x - 1)*eta for eta > 0: x - 1 is exact for x in [1/2, 1], so
+    // near x = 1 nothing cancels (x*eta - eta loses the digits of a large eta).
+    return (logit > T(0) ? x - T(1) : x) * logit + log_a_over_one_minus_exp(a, exp_of(-a));
+  }
+  template <typename T>
+  static FASTVAE_FN LikelihoodGrads<T> grads(T logit, NoSecond, T x) {
+    const T a = logit < T(0) ? -logit : logit;
+    const T e = exp_of(-a);
+    const bool small = a < T(kSeriesCutoff);
+    // mean(a) and mean(-a) = 1 - mean(a), each in the form that keeps its digits.
+    const T tail = a * bernoulli_number_series(a * a);
+    const T inv_one_minus_e = T(1) / (T(1) - e), inv_a = T(1) / a;
+    const T mean_pos = small ? T(0.5) + tail : inv_one_minus_e - inv_a;
+    const T mean_neg = small ? T(0.5) - tail : inv_a - e * inv_one_minus_e;
+    return {x - (logit < T(0) ? mean_neg : mean_pos), T(0), logit};
+  }
+  template <typename T>
+  static FASTVAE_FN T row_constant(int64_t) { return T(0); }
+};
+
+// Discretized logistic for 8-bit data (Salimans et al. 2017; Kingma et al. 2016):
+// x in [0, 1] holds the levels k/255; the logistic(mean, exp(log_scale)) mass of
+// the bin [x - h, x + h], h = 1/510, with the mass below 0's upper edge going to
+// x = 0 and the mass above 1's lower edge to x = 1. With u+- = (x +- h - mean) /
+// scale and d = u+ - u- = 2h / scale:
+//   interior:  log(sigmoid(u+) - sigmoid(u-)) = log sigmoid(u+) + log sigmoid(-u-) + log(1 - e^-d)
+//   x = 0:     log sigmoid(u+);      x = 1:  log sigmoid(-u-)
+// (sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - e^(a-b))): every term is
+// exact, so no mid-bin density fallback is needed where the CDF difference underflows.
+struct DiscretizedLogisticLikelihood {
+  static constexpr const char* kForwardOp = "discretized_logistic_log_prob";
+  static constexpr const char* kBackwardOp = "discretized_logistic_log_prob_backward";
+  static constexpr const char* kParamName = "mean";
+  static constexpr const char* kSecondName = "log_scale";
+  static constexpr double kHalfBin = 0.5 / 255.0;
+  template <typename T>
+  struct Second {
+    T log_scale, inv_scale;
+  };
+  template <typename T>
+  static FASTVAE_FN Second<T> second(T log_scale) { return {log_scale, exp_of(-log_scale)}; }
+
+  template <typename T>
+  struct Bin {
+    T upper, lower, width;  // u+, u-, d
+    bool bottom, top;       // x = 0, x = 1
+  };
+  template <typename T>
+  static FASTVAE_FN Bin<T> bin(T mean, Second<T> s, T x) {
+    const T centred = x - mean;
+    return {(centred + T(kHalfBin)) * s.inv_scale, (centred - T(kHalfBin)) * s.inv_scale,
+            T(2 * kHalfBin) * s.inv_scale, x < T(kHalfBin), x > T(1 - kHalfBin)};
+  }
+
+  template <typename T>
+  static FASTVAE_FN T log_prob(T mean, Second<T> s, T x) {
+    const Bin<T> b = bin(mean, s, x);
+    const T log_cdf_upper = -softplus(-b.upper);
+    const T log_sf_lower = -softplus(b.lower);
+    const T log_width = log_one_minus_exp(b.width, exp_of(-b.width));
+    return (b.top ? T(0) : log_cdf_upper) + (b.bottom ? T(0) : log_sf_lower) +
+           (b.top || b.bottom ? T(0) : log_width);
+  }
+  // d/du+ log sigmoid(u+) = sigmoid(-u+); d/du- log sigmoid(-u-) = -sigmoid(u-);
+  // d/dd log(1 - e^-d) = 1/(e^d - 1). u+-, d scale as 1/scale: d/dlog_scale = -(u+ g+ + u- g- + d g_d).
+  template <typename T>
+  static FASTVAE_FN LikelihoodGrads<T> grads(T mean, Second<T> s, T x) {
+    const Bin<T> b = bin(mean, s, x);
+    const T g_upper = b.top ? T(0) : sigmoid(-b.upper);
+    const T g_lower = b.bottom ? T(0) : -sigmoid(b.lower);
+    const T width_g_width = b.top || b.bottom ? T(0) : a_over_expm1(b.width, exp_of(-b.width));
+    const T d_centred = (g_upper + g_lower) * s.inv_scale;
+    const T d_log_scale = -(b.upper * g_upper + b.lower * g_lower + width_g_width);
+    return {-d_centred, d_log_scale, d_centred};
+  }
+  template <typename T>
+  static FASTVAE_FN T row_constant(int64_t) { return T(0); }
+};
+
+// Every fused likelihood, registered for each backend from this list.
+template <class... Likelihoods>
+struct LikelihoodList {};
+using FusedLikelihoods = LikelihoodList<BernoulliLikelihood, GaussianLikelihood, ContinuousBernoulliLikelihood,
+                                        DiscretizedLogisticLikelihood>;
+
+// Calls f(static_cast<D*>(nullptr)) for every likelihood D of the list (host code only).
+template <class F, class... Likelihoods>
+inline void for_each_likelihood(LikelihoodList<Likelihoods...>, F&& f) {
+  (f(static_cast<Likelihoods*>(nullptr)), ...);
+}
+
+template <class D>
+constexpr bool has_second() {
+  return D::kSecondName != nullptr;
+}
+
 }  // namespace fastvae

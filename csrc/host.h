@@ -10,8 +10,10 @@
 
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "checks.h"
+#include "fastvae.h"
 
 namespace fastvae {
 
@@ -179,60 +181,60 @@ inline LatentBackwardIO prepare_latent_backward(const c10::optional<at::Tensor>&
 // ---------------------------------------------------------------------------
 // Reconstruction log-likelihood ops
 // ---------------------------------------------------------------------------
-// Everything a likelihood kernel needs. `logvar` is the Gaussian's per-element
-// log-variance (nullptr: the single value `logvar_value`, whose exp(-s) the host
-// computes once as `fixed_inv_var`, for every element).
+// Everything a likelihood kernel needs (the traits of csrc/fastvae.h say what
+// the parameters mean). `second` is the second parameter per element (the
+// Gaussian's log-variance, the logistic's log-scale), nullptr when the op got
+// the single float `second_value` for every element instead, or when the
+// likelihood has one parameter.
 template <typename T>
 struct LikelihoodArgs {
   const T* params;  // logits or means, (rows, P)
   const T* x;       // (B, P)
-  const T* logvar;  // (rows, P) or nullptr
-  T logvar_value;
-  T fixed_inv_var;
+  const T* second;  // (rows, P) or nullptr
+  T second_value;
   const T* grad;   // (rows) incoming gradient, backward only
   T* out;          // forward: (rows); backward: grad_params (rows, P)
-  T* grad_logvar;  // backward, Gaussian with a logvar tensor: (rows, P)
+  T* grad_second;  // backward, when `second` is a tensor: (rows, P)
   T* grad_x;       // backward, when x requires grad: (B, P), else nullptr
   int64_t rows, batch, pixels;
 };
 
 struct LikelihoodIO {
   at::ScalarType params_dtype, x_dtype, dtype;
-  at::Tensor params, x, logvar, grad;  // logvar, grad: undefined when absent
-  at::Tensor out, grad_logvar, grad_x;  // grad_logvar, grad_x: empty (0,) when not computed
-  double logvar_value = 0.0;
+  at::Tensor params, x, second, grad;    // second, grad: undefined when absent
+  at::Tensor out, grad_second, grad_x;  // grad_second, grad_x: empty (0,) when not computed
+  double second_value = 0.0;
   int64_t rows, batch, pixels;
 
   template <typename T>
   LikelihoodArgs<T> args() const {
     return {params.data_ptr<T>(),
             x.data_ptr<T>(),
-            defined_ptr<T>(logvar),
-            static_cast<T>(logvar_value),
-            static_cast<T>(std::exp(-logvar_value)),
+            defined_ptr<T>(second),
+            static_cast<T>(second_value),
             defined_ptr<T>(grad),
             out.data_ptr<T>(),
-            grad_logvar.numel() ? grad_logvar.data_ptr<T>() : nullptr,
+            grad_second.numel() ? grad_second.data_ptr<T>() : nullptr,
             grad_x.numel() ? grad_x.data_ptr<T>() : nullptr,
             rows,
             batch,
             pixels};
   }
-  // Backward results: grad_params, grad_logvar and grad_x in their inputs' dtypes.
+  // Backward results: grad_params, grad_second and grad_x in their inputs' dtypes.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> grads() const {
-    return {as_dtype(out, params_dtype), as_dtype(grad_logvar, params_dtype), as_dtype(grad_x, x_dtype)};
+    return {as_dtype(out, params_dtype), as_dtype(grad_second, params_dtype), as_dtype(grad_x, x_dtype)};
   }
 };
 
-// Forward: params (L,B,P) or (B,P), x (B,P), the Gaussian's logvar shaped like params.
+// Forward: params (L,B,P) or (B,P), x (B,P), the second parameter shaped like params.
 inline LikelihoodIO prepare_likelihood(const at::Tensor& params, const at::Tensor& x,
-                                       const c10::optional<at::Tensor>& logvar, double logvar_value,
-                                       const char* params_name) {
+                                       const c10::optional<at::Tensor>& second, double second_value,
+                                       const char* params_name, const char* second_name) {
   check_likelihood_inputs(params, x, params_name);
-  if (logvar.has_value()) {
-    check_same(*logvar, params, "logvar", params_name);
-    TORCH_CHECK(logvar->sizes() == params.sizes(), "fastvae: logvar must have the shape of ", params_name, " ",
-                params.sizes(), " (broadcast it first), got ", logvar->sizes());
+  if (second.has_value()) {
+    check_same(*second, params, second_name, params_name);
+    TORCH_CHECK(second->sizes() == params.sizes(), "fastvae: ", second_name, " must have the shape of ", params_name,
+                " ", params.sizes(), " (broadcast it first), got ", second->sizes());
   }
   LikelihoodIO io;
   io.params_dtype = params.scalar_type();
@@ -240,8 +242,8 @@ inline LikelihoodIO prepare_likelihood(const at::Tensor& params, const at::Tenso
   io.dtype = sum_dtype(io.params_dtype);
   io.params = contiguous_as(params, io.dtype);
   io.x = contiguous_as(x, io.dtype);
-  if (logvar.has_value()) io.logvar = contiguous_as(*logvar, io.dtype);
-  io.logvar_value = logvar_value;
+  if (second.has_value()) io.second = contiguous_as(*second, io.dtype);
+  io.second_value = second_value;
   io.batch = x.size(0);
   io.pixels = x.size(1);
   io.rows = params.dim() == 3 ? params.size(0) * params.size(1) : params.size(0);
@@ -252,18 +254,82 @@ inline LikelihoodIO prepare_likelihood(const at::Tensor& params, const at::Tenso
 
 // Backward: as the forward, plus the incoming per-row gradient; allocates the gradients.
 inline LikelihoodIO prepare_likelihood_backward(const at::Tensor& grad, const at::Tensor& params,
-                                                const at::Tensor& x, const c10::optional<at::Tensor>& logvar,
-                                                double logvar_value, bool needs_grad_x, const char* params_name) {
-  LikelihoodIO io = prepare_likelihood(params, x, logvar, logvar_value, params_name);
+                                                const at::Tensor& x, const c10::optional<at::Tensor>& second,
+                                                double second_value, bool needs_grad_x, const char* params_name,
+                                                const char* second_name) {
+  LikelihoodIO io = prepare_likelihood(params, x, second, second_value, params_name, second_name);
   TORCH_CHECK(grad.device() == params.device(), "fastvae: grad is on ", grad.device(), " but ", params_name,
               " is on ", params.device(), "; they must be on the same device");
   TORCH_CHECK(grad.sizes() == io.out.sizes(), "fastvae: grad must have shape ", io.out.sizes(), ", got ",
               grad.sizes());
   io.grad = contiguous_as(grad, io.dtype);
   io.out = at::empty_like(io.params);
-  io.grad_logvar = io.logvar.defined() ? at::empty_like(io.logvar) : at::empty({0}, io.params.options());
+  io.grad_second = io.second.defined() ? at::empty_like(io.second) : at::empty({0}, io.params.options());
   io.grad_x = needs_grad_x ? at::empty_like(io.x) : at::empty({0}, io.x.options());
   return io;
+}
+
+// The ops of likelihood D (traits in csrc/fastvae.h) on one backend, which
+// supplies the kernels: Backend::run<D>(args, backward) launches them for a
+// float or double LikelihoodArgs, and Backend::Guard(device) makes the inputs'
+// device current. Everything else (checks, dtypes, outputs) is shared here.
+template <class D, class Backend>
+struct LikelihoodOps {
+  static constexpr const char* second_name() { return D::kSecondName ? D::kSecondName : "second"; }
+
+  static void run(const LikelihoodIO& io, bool backward) {
+    AT_DISPATCH_FLOATING_TYPES(io.dtype, D::kForwardOp,
+                               [&] { Backend::template run<D>(io.template args<scalar_t>(), backward); });
+  }
+
+  static at::Tensor forward(const at::Tensor& params, const at::Tensor& x, const c10::optional<at::Tensor>& second,
+                            double second_value) {
+    const typename Backend::Guard guard(params.device());
+    const LikelihoodIO io = prepare_likelihood(params, x, second, second_value, D::kParamName, second_name());
+    run(io, /*backward=*/false);
+    return io.out;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& params,
+                                                                 const at::Tensor& x,
+                                                                 const c10::optional<at::Tensor>& second,
+                                                                 double second_value, bool needs_grad_x) {
+    const typename Backend::Guard guard(params.device());
+    const LikelihoodIO io = prepare_likelihood_backward(grad, params, x, second, second_value, needs_grad_x,
+                                                        D::kParamName, second_name());
+    run(io, /*backward=*/true);
+    return io.grads();
+  }
+
+  // The schemas' two shapes (csrc/ops.cpp): one parameter, or two.
+  static at::Tensor forward_one(const at::Tensor& params, const at::Tensor& x) {
+    return forward(params, x, c10::nullopt, 0.0);
+  }
+  static std::tuple<at::Tensor, at::Tensor> backward_one(const at::Tensor& grad, const at::Tensor& params,
+                                                         const at::Tensor& x, bool needs_grad_x) {
+    auto [grad_params, unused, grad_x] = backward(grad, params, x, c10::nullopt, 0.0, needs_grad_x);
+    return {grad_params, grad_x};
+  }
+
+  template <class Library>
+  static void register_kernels(Library& m) {
+    if constexpr (has_second<D>()) {
+      m.impl(D::kForwardOp, &forward);
+      m.impl(D::kBackwardOp, &backward);
+    } else {
+      m.impl(D::kForwardOp, &forward_one);
+      m.impl(D::kBackwardOp, &backward_one);
+    }
+  }
+};
+
+// Registers the kernels of every fused likelihood for one backend.
+template <class Backend, class Library>
+void register_likelihood_kernels(Library& m) {
+  for_each_likelihood(FusedLikelihoods{}, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    LikelihoodOps<D, Backend>::register_kernels(m);
+  });
 }
 
 }  // namespace fastvae

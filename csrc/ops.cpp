@@ -23,7 +23,8 @@ TORCH_LIBRARY(fastvae, m) {
       "latent_terms_backward(Tensor? grad_z, Tensor? grad_kl, Tensor? grad_log_q, Tensor? grad_log_p,"
       " Tensor z, Tensor mu, Tensor logvar, bool stl) -> (Tensor grad_mu, Tensor grad_logvar)");
 
-  // Per-row sums of log p(x|params): params (L,B,P) or (B,P), x (B,P).
+  // Per-row sums of log p(x|params): params (L,B,P) or (B,P), x (B,P). The
+  // kernels of every likelihood come from its traits in csrc/fastvae.h.
   m.def("bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");
   m.def(
       "bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x, bool needs_grad_x)"
@@ -32,4 +33,16 @@ TORCH_LIBRARY(fastvae, m) {
   m.def(
       "gaussian_log_prob_backward(Tensor grad, Tensor mean, Tensor x, Tensor? logvar, float logvar_value,"
       " bool needs_grad_x) -> (Tensor grad_mean, Tensor grad_logvar, Tensor grad_x)");
+
+  // Continuous Bernoulli from logits, x in [0, 1].
+  m.def("continuous_bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");
+  m.def(
+      "continuous_bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x, bool needs_grad_x)"
+      " -> (Tensor grad_logits, Tensor grad_x)");
+  // Discretized logistic over the 256 levels k/255 of x; log_scale a tensor, or
+  // None and the single value log_scale_value.
+  m.def("discretized_logistic_log_prob(Tensor mean, Tensor x, Tensor? log_scale, float log_scale_value) -> Tensor");
+  m.def(
+      "discretized_logistic_log_prob_backward(Tensor grad, Tensor mean, Tensor x, Tensor? log_scale,"
+      " float log_scale_value, bool needs_grad_x) -> (Tensor grad_mean, Tensor grad_log_scale, Tensor grad_x)");
 }

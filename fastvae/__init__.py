@@ -6,10 +6,13 @@ from .ops import (  # noqa: F401
     LatentTerms,
     backend,
     bernoulli_log_likelihood,
+    continuous_bernoulli_log_likelihood,
     cuda_kernels_built,
+    discretized_logistic_log_likelihood,
     gaussian_kl,
     gaussian_log_likelihood,
     latent_terms,
+    nats_to_bits_per_dim,
     reparameterize,
 )
 from .model import VAE  # noqa: F401,E402

@@ -5,6 +5,9 @@
     gaussian_kl(mu, logvar)                      -> kl
     bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
     gaussian_log_likelihood(mean, x, logvar=0.0) -> log p(x|z) per row
+    continuous_bernoulli_log_likelihood(logits, x)               -> log p(x|z) per row
+    discretized_logistic_log_likelihood(mean, log_scale, x)      -> log p(x|z) per row
+    nats_to_bits_per_dim(nats, num_dims)         -> bits per dimension
 
 Shapes: mu, logvar are (B, D). With num_samples=None one sample is drawn and
 z is (B, D), log_q and log_p are (B,); with num_samples=L they are (L, B, D) and
@@ -162,45 +165,54 @@ if _BACKEND == "cpp":
         _check_latent(mu, logvar, None, None)
         return torch.empty_like(mu), torch.empty_like(logvar)
 
-    @torch.library.register_fake("fastvae::bernoulli_log_prob")
-    def _bernoulli_log_prob_fake(logits, x):
-        _check_likelihood(logits, x, "logits")
-        return logits.new_empty(logits.shape[:-1], dtype=_sum_dtype(logits.dtype))
-
-    @torch.library.register_fake("fastvae::bernoulli_log_prob_backward")
-    def _bernoulli_log_prob_backward_fake(grad, logits, x, needs_grad_x):
-        grad_x = torch.empty_like(x) if needs_grad_x else x.new_empty((0,))
-        return torch.empty_like(logits), grad_x
-
-    @torch.library.register_fake("fastvae::gaussian_log_prob")
-    def _gaussian_log_prob_fake(mean, x, logvar, logvar_value):
-        _check_likelihood(mean, x, "mean")
-        return mean.new_empty(mean.shape[:-1], dtype=_sum_dtype(mean.dtype))
-
-    @torch.library.register_fake("fastvae::gaussian_log_prob_backward")
-    def _gaussian_log_prob_backward_fake(grad, mean, x, logvar, logvar_value, needs_grad_x):
-        grad_logvar = torch.empty_like(logvar) if logvar is not None else mean.new_empty((0,))
-        grad_x = torch.empty_like(x) if needs_grad_x else x.new_empty((0,))
-        return torch.empty_like(mean), grad_logvar, grad_x
-
     _latent_op = torch.ops.fastvae.latent_terms.default
-    _bernoulli_op = torch.ops.fastvae.bernoulli_log_prob.default
-    _gaussian_op = torch.ops.fastvae.gaussian_log_prob.default
 else:
 
     def _latent_op(mu, logvar, eps, num_samples, seed, offset, row_offset=0, stl=False):
         _check_latent(mu, logvar, eps, num_samples)
         return reference.latent_terms(mu, logvar, eps, num_samples, seed, offset, row_offset, stl)
 
-    def _bernoulli_op(logits, x):
-        _check_likelihood(logits, x, "logits")
-        return reference.bernoulli_log_prob(logits, x)
 
-    def _gaussian_op(mean, x, logvar, logvar_value):
-        _check_likelihood(mean, x, "mean")
-        if logvar is not None:
-            _check_same(logvar, mean, "logvar", "mean")
-        return reference.gaussian_log_prob(mean, x, logvar, logvar_value)
+def _likelihood_op(name: str, param_name: str, second_name: str | None = None):
+    """The op `name` of a fused likelihood (csrc/fastvae.h), with its fakes registered.
+
+    One parameter: op(params, x). Two: op(params, x, second, second_value), the second
+    parameter a tensor shaped like params or None and one float for every element.
+    Without the extension, the same signature runs `reference.<name>`.
+    """
+    if _BACKEND != "cpp":
+        reference_fn = getattr(reference, name)
+
+        def reference_op(params, x, *second):
+            _check_likelihood(params, x, param_name)
+            if second and second[0] is not None:
+                _check_same(second[0], params, second_name, param_name)
+            return reference_fn(params, x, *second)
+
+        return reference_op
+
+    def fake(params, x, *second):
+        _check_likelihood(params, x, param_name)
+        return params.new_empty(params.shape[:-1], dtype=_sum_dtype(params.dtype))
+
+    def backward_fake(grad, params, x, *rest):
+        *second, needs_grad_x = rest
+        grad_x = torch.empty_like(x) if needs_grad_x else x.new_empty((0,))
+        if second_name is None:
+            return torch.empty_like(params), grad_x
+        grad_second = torch.empty_like(second[0]) if second[0] is not None else params.new_empty((0,))
+        return torch.empty_like(params), grad_second, grad_x
+
+    torch.library.register_fake(f"fastvae::{name}")(fake)
+    torch.library.register_fake(f"fastvae::{name}_backward")(backward_fake)
+    return getattr(torch.ops.fastvae, name).default
+
+
+# One line per fused likelihood: (op name, its parameter names).
+_bernoulli_op = _likelihood_op("bernoulli_log_prob", "logits")
+_gaussian_op = _likelihood_op("gaussian_log_prob", "mean", "logvar")
+_continuous_bernoulli_op = _likelihood_op("continuous_bernoulli_log_prob", "logits")
+_discretized_logistic_op = _likelihood_op("discretized_logistic_log_prob", "mean", "log_scale")
 
 
 # ---------------------------------------------------------------------------
@@ -355,6 +367,34 @@ def _flatten_pair(params: Tensor, x: Tensor, name: str) -> tuple[Tensor, Tensor]
     return flat_params, flat_x
 
 
+def _check_unit_interval(flat_x: Tensor, likelihood: str) -> None:
+    """Raise unless every x lies in [0, 1] (one pass over x; skipped while compiling)."""
+    if flat_x.numel() and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(flat_x.detach())
+        if not (0.0 <= float(low) and float(high) <= 1.0):
+            raise ValueError(
+                f"fastvae: x must lie in [0, 1] for a {likelihood} likelihood, got values in [{float(low)}, {float(high)}]"
+            )
+
+
+def _second_param(value: Tensor | float, params: Tensor, decoder_output: Tensor, name: str):
+    """A second per-element parameter given as a tensor broadcastable to the decoder output, or
+    one float: (tensor flattened like params, or None; the float) as the two-parameter ops take them."""
+    if isinstance(value, Tensor):
+        _check_tensor(value, name)
+        try:
+            expanded = value.to(decoder_output.dtype).expand_as(decoder_output)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"fastvae: {name} of shape {tuple(value.shape)} does not broadcast to the shape "
+                f"{tuple(decoder_output.shape)} of the decoder output"
+            ) from exc
+        return expanded.reshape(params.shape).to(params.dtype), 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastvae: {name} must be a float or a tensor, got {type(value).__name__}")
+    return None, float(value)
+
+
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = True) -> Tensor:
     """sum over pixels of log Bernoulli(x | sigmoid(logits)), per row: (B,) or (L, B).
 
@@ -362,12 +402,8 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = T
     check_range=False skips that check (one pass over x).
     """
     params, flat_x = _flatten_pair(logits, x, "logits")
-    if check_range and flat_x.numel() and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(flat_x.detach())
-        if not (0.0 <= float(low) and float(high) <= 1.0):
-            raise ValueError(
-                f"fastvae: x must lie in [0, 1] for a Bernoulli likelihood, got values in [{float(low)}, {float(high)}]"
-            )
+    if check_range:
+        _check_unit_interval(flat_x, "Bernoulli")
     return _bernoulli_op(params, flat_x)
 
 
@@ -378,16 +414,55 @@ def gaussian_log_likelihood(mean: Tensor, x: Tensor, logvar: Tensor | float = 0.
     (e.g. a learned per-pixel log-variance of shape x.shape[1:]).
     """
     params, flat_x = _flatten_pair(mean, x, "mean")
-    if isinstance(logvar, Tensor):
-        _check_tensor(logvar, "logvar")
-        try:
-            expanded = logvar.to(mean.dtype).expand_as(mean)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"fastvae: logvar of shape {tuple(logvar.shape)} does not broadcast to mean's shape "
-                f"{tuple(mean.shape)}"
-            ) from exc
-        return _gaussian_op(params, flat_x, expanded.reshape(params.shape).to(params.dtype), 0.0)
-    if isinstance(logvar, bool) or not isinstance(logvar, (int, float)):
-        raise TypeError(f"fastvae: logvar must be a float or a tensor, got {type(logvar).__name__}")
-    return _gaussian_op(params, flat_x, None, float(logvar))
+    return _gaussian_op(params, flat_x, *_second_param(logvar, params, mean, "logvar"))
+
+
+def continuous_bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = True) -> Tensor:
+    """sum over pixels of log ContinuousBernoulli(x | logits), per row: (B,) or (L, B).
+
+    The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) is the normalized density
+    C(lambda) lambda^x (1 - lambda)^(1 - x) on x in [0, 1], lambda = sigmoid(logits): the
+    proper likelihood for grey levels that a Bernoulli only relaxes. Computed from the
+    logits, exact at every logit (near logit 0, where lambda = 1/2, and at +-100 alike),
+    unlike torch.distributions.ContinuousBernoulli, which clamps lambda. The gradient
+    flows to logits, and to x when x requires it. check_range=False skips the [0, 1]
+    check of x (one pass over x).
+    """
+    params, flat_x = _flatten_pair(logits, x, "logits")
+    if check_range:
+        _check_unit_interval(flat_x, "continuous Bernoulli")
+    return _continuous_bernoulli_op(params, flat_x)
+
+
+def discretized_logistic_log_likelihood(
+    mean: Tensor, log_scale: Tensor | float, x: Tensor, *, check_range: bool = True
+) -> Tensor:
+    """sum over pixels of log DiscretizedLogistic(x | mean, exp(log_scale)), per row: (B,) or (L, B).
+
+    For 8-bit images (Salimans et al. 2017, Kingma et al. 2016) in fastvae's convention:
+    x in [0, 1] holds the levels k/255 (fastvae.data's float images). Each level owns the
+    mass of logistic(mean, exp(log_scale)) on the bin of width 1/255 centred on it; x = 0
+    also takes all the mass below its bin and x = 1 all the mass above, so the 256 levels
+    carry probability 1. mean and log_scale are in the units of x. Exact in every
+    regime (log-sigmoid forms; no mid-bin density fallback). log_scale: a tensor
+    broadcastable to mean's shape, or one float. Models usually bound it from below
+    (PixelCNN++ uses -7); the op takes it as given. check_range=False skips the [0, 1]
+    check of x (one pass over x). Divide by -num_dims * ln 2 for bits per dimension
+    (nats_to_bits_per_dim).
+    """
+    params, flat_x = _flatten_pair(mean, x, "mean")
+    if check_range:
+        _check_unit_interval(flat_x, "discretized logistic")
+    return _discretized_logistic_op(params, flat_x, *_second_param(log_scale, params, mean, "log_scale"))
+
+
+def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
+    """Bits per dimension of a negative log-likelihood given in nats: nats / (num_dims * ln 2).
+
+    nats: -log p(x) (or the negative ELBO, an upper bound on it) per example, e.g.
+    -discretized_logistic_log_likelihood(...) or -elbo; num_dims: the dimensions of one
+    example (3 * 32 * 32 for a CIFAR-10 image). Image papers report this figure.
+    """
+    if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
+        raise ValueError(f"fastvae: num_dims must be a positive int, got {num_dims!r}")
+    return nats / (num_dims * math.log(2.0))
