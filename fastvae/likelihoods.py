@@ -11,6 +11,8 @@ A declaration says everything fastvae needs to know about one observation model:
     mean          params -> E[x|z], the image that samples and reconstructions show
     sample        (params, settings, generator) -> one draw x ~ p(x|z)
     bits_per_dim  whether training and evaluation also report bits per dimension (8-bit image likelihoods)
+    reference     log_prob in plain PyTorch (fastvae/reference.py), when log_prob is a fused op:
+                  tests/test_properties.py checks every declared pair over shapes, dtypes and ranges
 
 params is always a tuple of tensors shaped like the data (with leading sample dimensions);
 settings is the model's dict of likelihood settings (today: "gaussian_logvar", the fixed
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 from .plugins import PluginTable, format_rows
 
 ENTRY_POINT_GROUP = "fastvae.likelihoods"
@@ -55,6 +57,7 @@ class Likelihood:
     sample: Callable[[tuple[Tensor, ...], dict, torch.Generator | None], Tensor]
     binarize: bool = False
     bits_per_dim: bool = False
+    reference: Callable[[tuple[Tensor, ...], Tensor, dict], Tensor] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or self.name == AUTO:
@@ -155,7 +158,7 @@ def resolve_auto(images: Tensor, binary_benchmark: bool = False) -> tuple[str, s
 def bits_per_dim(nats: float, shape) -> float:
     """A negative log-likelihood (or negative ELBO) per example in nats, as bits per dimension of
     an example of `shape`: the figure image papers report."""
-    return nats / (math.prod(shape) * math.log(2.0))
+    return ops.nats_to_bits_per_dim(nats, math.prod(shape))
 
 
 def format_table() -> str:
@@ -169,6 +172,37 @@ def format_table() -> str:
 
 
 # ----------------------------------------------------------------------------- built-ins
+def _flat(params, x):
+    """Decoder outputs (..., B, *shape) and data (B, *shape) as (..., B, P) and (B, P), as reference takes them."""
+    pixels, numel = x.dim() - 1, math.prod(x.shape[1:])
+    return tuple(p.flatten(-pixels) if pixels else p.unsqueeze(-1) for p in params), x.reshape(x.shape[0], numel)
+
+
+def _bernoulli_reference(params, x, settings):
+    (logits,), x = _flat(params, x)
+    return reference.bernoulli_log_prob(logits, x)
+
+
+def _gaussian_reference(params, x, settings):
+    (mean,), x = _flat(params, x)
+    return reference.gaussian_log_prob(mean, x, None, float(settings.get("gaussian_logvar", 0.0)))
+
+
+def _gaussian_learned_reference(params, x, settings):
+    (mean, logvar), x = _flat(params, x)
+    return reference.gaussian_log_prob(mean, x, logvar)
+
+
+def _continuous_bernoulli_reference(params, x, settings):
+    (logits,), x = _flat(params, x)
+    return reference.continuous_bernoulli_log_prob(logits, x)
+
+
+def _discretized_logistic_reference(params, x, settings):
+    (mean, log_scale), x = _flat(params, x)
+    return reference.discretized_logistic_log_prob(mean, x, log_scale)
+
+
 def _bernoulli_log_prob(params, x, settings):
     # The trainer checked the data once (check_data); no pass over x per step.
     return ops.bernoulli_log_likelihood(params[0], x, check_range=False)
@@ -213,14 +247,14 @@ BERNOULLI = register_likelihood(Likelihood(
     name="bernoulli",
     description="Bernoulli from logits, for binary pixels (grey data is binarized, see --binarize)",
     params=("logits",), data="unit", binarize=True,
-    log_prob=_bernoulli_log_prob, mean=_bernoulli_mean, sample=_bernoulli_sample,
+    log_prob=_bernoulli_log_prob, mean=_bernoulli_mean, sample=_bernoulli_sample, reference=_bernoulli_reference,
 ))
 
 GAUSSIAN = register_likelihood(Likelihood(
     name="gaussian",
     description="Gaussian with one fixed variance for every element (--gaussian-logvar)",
     params=("mean",), data="real",
-    log_prob=_gaussian_log_prob, mean=_first, sample=_gaussian_sample,
+    log_prob=_gaussian_log_prob, mean=_first, sample=_gaussian_sample, reference=_gaussian_reference,
 ))
 
 GAUSSIAN_LEARNED = register_likelihood(Likelihood(
@@ -228,4 +262,70 @@ GAUSSIAN_LEARNED = register_likelihood(Likelihood(
     description="Gaussian with a mean and a log-variance per element from the decoder",
     params=("mean", "logvar"), data="real",
     log_prob=_gaussian_learned_log_prob, mean=_first, sample=_gaussian_learned_sample,
+    reference=_gaussian_learned_reference,
+))
+
+
+def _continuous_bernoulli_log_prob(params, x, settings):
+    return ops.continuous_bernoulli_log_likelihood(params[0], x, check_range=False)
+
+
+def _half_langevin(u: Tensor) -> Tensor:
+    """(coth(u) - 1/u) / 2, the Langevin function halved, exact near u = 0 (its Taylor series there)."""
+    small = u.abs() < 0.1
+    safe = torch.where(small, torch.ones_like(u), u)
+    u2 = u * u
+    series = u * (1 / 3 + u2 * (-1 / 45 + u2 * (2 / 945 - u2 / 4725)))
+    return 0.5 * torch.where(small, series, 1 / torch.tanh(safe) - 1 / safe)
+
+
+def _continuous_bernoulli_mean(params):
+    # E[x] = lambda / (2 lambda - 1) + 1 / (2 atanh(1 - 2 lambda)), lambda = sigmoid(eta); in the logit
+    # eta this is 1/2 + (coth(eta/2) - 2/eta) / 2: no cancellation at lambda = 1/2, no clamping at +-100.
+    return 0.5 + _half_langevin(0.5 * params[0])
+
+
+def _continuous_bernoulli_sample(params, settings, generator):
+    # Inverse CDF: x = log1p(u * expm1(eta)) / eta for eta <= 0 (u uniform); the law of 1 - x
+    # under -eta is that of x under eta, so positive logits use the mirror image.
+    eta = params[0]
+    u = torch.rand(eta.shape, generator=generator, dtype=eta.dtype, device=eta.device)
+    a = -eta.abs()
+    tiny = a > -1e-6
+    safe = torch.where(tiny, -torch.ones_like(a), a)
+    y = torch.where(tiny, u, torch.log1p(u * torch.expm1(safe)) / safe)
+    return torch.where(eta > 0, 1 - y, y)
+
+
+def _discretized_logistic_log_prob(params, x, settings):
+    mean, log_scale = params
+    return ops.discretized_logistic_log_likelihood(mean, log_scale, x, check_range=False)
+
+
+def _discretized_logistic_mean(params):
+    return params[0].clamp(0.0, 1.0)
+
+
+def _discretized_logistic_sample(params, settings, generator):
+    mean, log_scale = params
+    u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device).clamp(1e-6, 1 - 1e-6)
+    continuous = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
+    return (continuous * 255).round().clamp(0, 255) / 255
+
+
+CONTINUOUS_BERNOULLI = register_likelihood(Likelihood(
+    name="continuous_bernoulli",
+    description="continuous Bernoulli from logits (Loaiza-Ganem & Cunningham 2019), for grey levels in [0, 1]",
+    params=("logits",), data="unit",
+    log_prob=_continuous_bernoulli_log_prob, mean=_continuous_bernoulli_mean, sample=_continuous_bernoulli_sample,
+    reference=_continuous_bernoulli_reference,
+))
+
+DISCRETIZED_LOGISTIC = register_likelihood(Likelihood(
+    name="discretized_logistic",
+    description="discretized logistic over the 256 levels of 8-bit images (Salimans et al. 2017); "
+                "pictures show its location",
+    params=("mean", "log_scale"), data="8bit", bits_per_dim=True,
+    log_prob=_discretized_logistic_log_prob, mean=_discretized_logistic_mean, sample=_discretized_logistic_sample,
+    reference=_discretized_logistic_reference,
 ))

@@ -1,5 +1,6 @@
 """Likelihood and objective declarations: the tables, what reads them, "auto", and plugins end to end."""
 
+import re
 import shutil
 
 import pytest
@@ -79,7 +80,8 @@ def test_a_taken_name_needs_override():
 def test_the_listing_shows_likelihoods_and_objectives_with_their_source(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "gaussian_learned  mean,logvar" in out and "[0, 1], binarized" in out
+    assert re.search(r"gaussian_learned +mean,logvar +real +builtin", out) and "[0, 1], binarized" in out
+    assert re.search(r"discretized_logistic +mean,log_scale +8-bit levels k/255 +builtin", out)
     assert "OBJECTIVE" in out and "iwae" in out and "mlp" in out
 
 
@@ -157,6 +159,36 @@ def test_auto_picks_bernoulli_for_binary_benchmarks_and_binary_data():
     assert resolve_auto(torch.rand(4, 1, 8, 8), binary_benchmark=True) == ("bernoulli", "a binary benchmark")
     assert resolve_auto(torch.randint(0, 2, (4, 1, 8, 8)).float())[0] == "bernoulli"
     assert resolve_auto(torch.randn(4, 1, 8, 8))[0] == "gaussian"
+
+
+def test_auto_picks_the_discretized_logistic_for_8_bit_images_and_the_continuous_bernoulli_for_grey_levels():
+    assert resolve_auto(eight_bit_colour()) == ("discretized_logistic", "8-bit levels k/255 data")
+    assert resolve_auto(torch.rand(4, 1, 8, 8)) == ("continuous_bernoulli", "[0, 1] data")
+
+
+def test_the_discretized_logistic_refuses_data_off_the_8_bit_levels(tmp_path):
+    digits_like = ImageDataset(torch.randint(0, 17, (20, 1, 8, 8)).float() / 16, None, 0, "sixteenths")
+    with pytest.raises(ValueError, match="models 8-bit levels k/255 data, but the training set 'sixteenths' is"):
+        Trainer(small_config(tmp_path, likelihood="discretized_logistic"), digits_like)
+
+
+def test_continuous_bernoulli_mean_and_draws_follow_the_distribution():
+    spec = likelihoods.get("continuous_bernoulli")
+    logits = torch.tensor([-30.0, -4.0, -0.5, -1e-4, 0.0, 1e-5, 0.2, 3.0, 25.0], dtype=torch.float64)
+    # torch.distributions is a float64 reference at |logit| < 36 (it clamps beyond).
+    expected = torch.distributions.ContinuousBernoulli(logits=logits).mean
+    assert torch.allclose(spec.mean((logits,)), expected, atol=1e-9)
+    draws = spec.sample((logits.expand(100_000, -1),), {}, torch.Generator().manual_seed(0))
+    assert ((draws >= 0) & (draws <= 1)).all()
+    assert torch.allclose(draws.mean(0), expected, atol=0.005)  # 5 standard errors of 100k draws
+
+
+def test_discretized_logistic_draws_are_8_bit_levels_around_the_mean():
+    spec = likelihoods.get("discretized_logistic")
+    mean, log_scale = torch.full((50_000,), 0.3), torch.full((50_000,), -4.0)
+    draws = spec.sample((mean, log_scale), {}, torch.Generator().manual_seed(0))
+    assert data_kind(draws) == "8bit" and abs(draws.mean().item() - 0.3) < 0.002
+    assert torch.equal(spec.mean((torch.tensor([-0.2, 0.5, 1.3]), torch.zeros(3))), torch.tensor([0.0, 0.5, 1.0]))
 
 
 def test_auto_resolves_in_the_config_the_checkpoint_stores(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastvae import ops, reference
+from fastvae import likelihoods, ops, reference
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Rounding of the arithmetic each input dtype is computed in, and of the dtype z is stored in.
@@ -210,3 +210,72 @@ def test_gaussian_gradients_match_reference_autograd(batch, pixels, num_samples,
     scale = (1 + (x - mean.detach()).pow(2)) * (torch.exp(-logvar.detach()) if learned else math.exp(1.5))
     for g, w in zip(got, want):
         assert_within(g, w.view(g.shape), SUM_TOL[dtype], scale, "gradient")
+
+
+# ----------------------------------------------------------------------------- every declared likelihood
+# Each likelihood whose declaration names a reference (every fused one) is checked here through its
+# declaration, as the model calls it: a new fused likelihood gets these tests without an edit.
+FUSED = [name for name in likelihoods.names() if likelihoods.get(name).reference is not None]
+
+
+def data_of_kind(kind, shape, seed, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "binary":
+        x = torch.randint(0, 2, shape, generator=generator).double()
+    elif kind == "8bit":
+        x = torch.randint(0, 256, shape, generator=generator).double() / 255
+    elif kind == "unit":
+        x = torch.rand(shape, generator=generator, dtype=torch.float64)
+    else:
+        x = 6 * torch.rand(shape, generator=generator, dtype=torch.float64) - 3
+    return x.to(dtype)
+
+
+def declared_inputs(spec, batch, pixels, num_samples, dtype, param_range, seed):
+    params = tuple(likelihood_inputs(batch, pixels, num_samples, seed + i, dtype, -param_range, param_range)
+                   for i in range(spec.params_per_element))
+    x = data_of_kind(spec.data, (batch, *pixels), seed + 10, dtype)
+    settings = {"gaussian_logvar": float(uniform((), -param_range, param_range, seed + 11, torch.float64))}
+    return params, x, settings
+
+
+def element_magnitudes(spec, params, x, settings):
+    """Sum over pixels of |log p| per element (the reference on one-pixel rows): the size of what is summed."""
+    pixels = math.prod(x.shape[1:])
+    rows = x.shape[0] * pixels
+    lead = params[0].shape[: params[0].dim() - x.dim()]
+    one_pixel = tuple(p.double().reshape(*lead, rows, 1) for p in params)
+    per_element = spec.reference(one_pixel, x.double().reshape(rows, 1), settings)
+    return per_element.abs().reshape(*lead, x.shape[0], pixels).sum(-1)
+
+
+@given(name=st.sampled_from(FUSED), batch=st.integers(0, 4), pixels=pixel_shapes, num_samples=sample_counts,
+       dtype=dtypes, param_range=st.sampled_from([0.5, 3.0, 10.0]), seed=seeds)
+def test_every_fused_likelihood_matches_its_reference(name, batch, pixels, num_samples, dtype, param_range, seed):
+    spec = likelihoods.get(name)
+    params, x, settings = declared_inputs(spec, batch, pixels, num_samples, dtype, param_range, seed)
+    got = spec.log_prob(params, x, settings)
+    want = spec.reference(tuple(p.double() for p in params), x.double(), settings)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_within(got, want, SUM_TOL[dtype], element_magnitudes(spec, params, x, settings), f"{name} log p")
+
+
+@given(name=st.sampled_from(FUSED), batch=st.integers(1, 3), pixels=pixel_shapes, num_samples=sample_counts,
+       dtype=st.sampled_from([torch.float64, torch.float32]), param_range=st.sampled_from([0.5, 3.0, 10.0]),
+       seed=seeds)
+def test_every_fused_likelihood_has_the_gradients_of_its_reference(name, batch, pixels, num_samples, dtype,
+                                                                   param_range, seed):
+    spec = likelihoods.get(name)
+    params, x, settings = declared_inputs(spec, batch, pixels, num_samples, dtype, param_range, seed)
+    upstream = uniform(params[0].shape[: params[0].dim() - len(pixels)], -1, 1, seed + 20, torch.float64)
+
+    def grads(log_prob, inputs):
+        inputs = tuple(p.detach().requires_grad_() for p in inputs)
+        log_p = log_prob(inputs, x if inputs[0].dtype == dtype else x.double(), settings)
+        return torch.autograd.grad((log_p.double() * upstream).sum(), inputs)
+
+    got = grads(spec.log_prob, params)
+    want = grads(spec.reference, tuple(p.double() for p in params))  # float64: the exact gradient
+    for g, w, param_name in zip(got, want, spec.params):
+        # One element's gradient is a few terms of its own size: float rounding of each.
+        assert_within(g, w, 10 * STORE_TOL[dtype], w.abs(), f"{name}: gradient of {param_name}")
