@@ -183,9 +183,9 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import registry
+    from . import likelihoods, objectives, registry
 
-    print(registry.format_table())
+    print("\n\n".join([registry.format_table(), likelihoods.format_table(), objectives.format_table()]))
     return 0
 
 
@@ -259,7 +259,7 @@ def add_model_parsers(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("reconstructions.png"))
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("list", help="registered encoder/decoder architectures, plugins included")
+    p = sub.add_parser("list", help="registered architectures, likelihoods and objectives, plugins included")
     p.set_defaults(func=cmd_list)
 
 

@@ -5,11 +5,12 @@ The command line, the checkpoint and the Python API all read their choices and d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from .model import LIKELIHOODS, OBJECTIVES
+from . import likelihoods, objectives
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "adagrad": torch.optim.Adagrad}
@@ -43,11 +44,16 @@ class TrainConfig:
     arch_config: dict = option(None, 'architecture keyword configuration as JSON, e.g. \'{"activation": "relu"}\'',
                                factory=dict, parse="json")
     latent_dim: int = option(8, "latent dimensions")
-    likelihood: str = option("bernoulli", "decoder likelihood", choices=LIKELIHOODS)
+    likelihood: str = option(likelihoods.AUTO, "decoder likelihood (see `fastvae list`); auto: one that fits the "
+                                               "data (bernoulli for binary and MNIST-style sets, discretized_logistic "
+                                               "for 8-bit images, ...)",
+                             choices=lambda: (likelihoods.AUTO, *likelihoods.names()))
+    gaussian_logvar: float = option(0.0, "log-variance of the fixed-variance gaussian likelihood (pixels in [0, 1]: "
+                                         "try -5)")
     binarize: str = option("dynamic", "for bernoulli: resample binary images each epoch (dynamic), threshold at "
                                       "0.5, or none", choices=BINARIZE_MODES)
-    objective: str = option("analytic", "SGVB-B (analytic KL), SGVB-A (monte_carlo), or the IWAE bound",
-                            choices=OBJECTIVES)
+    objective: str = option("analytic", "SGVB-B (analytic KL), SGVB-A (monte_carlo), the IWAE bound, or a plugin's "
+                                        "(see `fastvae list`)", choices=objectives.names)
     num_samples: int = option(1, "L: latent samples per example (k for iwae)", flag="--samples")
     beta: float = option(1.0, "weight of the KL term")
     warmup_epochs: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", flag="--warmup")
@@ -68,8 +74,10 @@ class TrainConfig:
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
 
     def validate(self) -> None:
+        if self.likelihood != likelihoods.AUTO:
+            likelihoods.get(self.likelihood)  # unknown names raise, naming the known ones
+        objectives.get(self.objective)
         checks = [
-            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.precision != "fp16" or self.device.startswith("cuda"),
@@ -79,6 +87,7 @@ class TrainConfig:
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
+            (math.isfinite(self.gaussian_logvar), f"gaussian_logvar must be finite, got {self.gaussian_logvar}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.lr_schedule in LR_SCHEDULES,
@@ -92,8 +101,8 @@ class TrainConfig:
 
     @property
     def binarize_mode(self) -> str:
-        """The binarization the data actually gets: only a Bernoulli likelihood needs binary data."""
-        return self.binarize if self.likelihood == "bernoulli" else "none"
+        """The binarization the data actually gets: only a likelihood declared binarize=True (Bernoulli) gets it."""
+        return self.binarize if likelihoods.get(self.likelihood).binarize else "none"
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import ops
+from . import likelihoods, ops
 from .data import one_hot
 from .model import VAE, bound
 
@@ -68,7 +68,8 @@ def evaluate(
     generator: torch.Generator | None = None,
     progress=None,
 ) -> dict:
-    """Mean per-example ELBO (analytic KL), its two terms, and (is_samples > 0) the IS log-likelihood.
+    """Mean per-example ELBO (analytic KL), its two terms, and (is_samples > 0) the IS log-likelihood;
+    for likelihoods of 8-bit images also both in bits per dimension (elbo_bpd, log_likelihood_bpd).
 
     binarize: a function applied to each batch (e.g. fixed-threshold or stochastic
     binarization) so evaluation sees data as training did.
@@ -95,5 +96,9 @@ def evaluate(
     results = {key: value / max(count, 1) for key, value in totals.items()}
     if not is_samples:
         results.pop("log_likelihood")
+    if model.likelihood_spec.bits_per_dim:  # 8-bit image likelihoods: also in bits per dimension
+        for key in ("elbo", "log_likelihood"):
+            if key in results:
+                results[f"{key}_bpd"] = likelihoods.bits_per_dim(-results[key], model.input_shape)
     results["examples"] = count
     return results

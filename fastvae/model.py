@@ -4,7 +4,8 @@ Every loss term is per example, summed over data and latent dimensions, in nats:
     rec[l, b]   = log p(x_b | z_lb)        (fused likelihood op)
     kl[b]       = KL(q(z|x_b) || N(0, I))  (analytic, fused latent op)
     log_q, log_p[l, b]                     (fused latent op)
-Objectives (seed "Training"; DESIGN.md section 1):
+The likelihood (fastvae/likelihoods.py) and the objective (fastvae/objectives.py) are
+declarations looked up by name, built-in or from a plugin. Built-in objectives:
     "analytic"    SGVB-B, the default:  elbo = mean_l rec - beta*kl
     "monte_carlo" SGVB-A:               elbo = mean_l (rec + beta*(log_p - log_q))
     "iwae"        Burda et al. 2016:    logsumexp_l (rec + log_p - log_q) - log L
@@ -21,11 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import ops, registry
+from . import likelihoods, objectives, ops, registry
 from .data import one_hot
-
-OBJECTIVES = ("analytic", "monte_carlo", "iwae")
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 
 
 @dataclass
@@ -54,8 +52,9 @@ class VAE(nn.Module):
     """A VAE with a Gaussian posterior, a N(0, I) prior and a registry encoder/decoder.
 
     encoder, decoder: registered names (see `fastvae list`) or ready nn.Modules following
-    the registry's Encoder/Decoder contract. likelihood: "bernoulli" (decoder gives logits),
-    "gaussian" (decoder gives means, fixed log-variance `gaussian_logvar`), or
+    the registry's Encoder/Decoder contract. likelihood: a registered likelihood name (see
+    `fastvae list` and fastvae/likelihoods.py), e.g. "bernoulli" (decoder gives logits),
+    "gaussian" (decoder gives means; the fixed log-variance is `gaussian_logvar`) or
     "gaussian_learned" (decoder gives means and log-variances).
     """
 
@@ -73,8 +72,7 @@ class VAE(nn.Module):
     ):
         super().__init__()
         input_shape = tuple(int(s) for s in input_shape)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.likelihood_spec = likelihoods.get(likelihood)
         if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
         if condition_dim < 0:
@@ -144,14 +142,15 @@ class VAE(nn.Module):
             return tuple(o.reshape(*lead, *self.input_shape) for o in out)
         return out.reshape(*lead, *self.input_shape)
 
+    @property
+    def likelihood_settings(self) -> dict:
+        """The model's settings a likelihood's functions may read (see fastvae/likelihoods.py)."""
+        return {"gaussian_logvar": self.gaussian_logvar}
+
     def log_likelihood(self, decoded, x: Tensor) -> Tensor:
         """log p(x|z) per sample and example, (L, B), from the decoder's output."""
-        if self.likelihood == "bernoulli":
-            return ops.bernoulli_log_likelihood(decoded, x, check_range=False)
-        if self.likelihood == "gaussian":
-            return ops.gaussian_log_likelihood(decoded, x, self.gaussian_logvar)
-        mean, logvar = decoded
-        return ops.gaussian_log_likelihood(mean, x, logvar)
+        spec = self.likelihood_spec
+        return spec.log_prob(spec.split(decoded), x, self.likelihood_settings)
 
     def forward(
         self,
@@ -170,13 +169,12 @@ class VAE(nn.Module):
         row_offset: global index of x's first example, for data-parallel shards (the
         noise of an example then does not depend on how the batch was split).
         """
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        bound_of = objectives.get(objective).bound  # an unknown name fails before any work
         self._check_input(x, condition)
         mu, logvar = self.encode(x, condition)
         latent = ops.latent_terms(mu, logvar, num_samples, generator=generator, stl=stl, row_offset=row_offset)
         mean_decoded, rec = self._decode_and_score(latent.z, condition, x, objective)
-        elbo = bound(objective, rec, latent.kl, latent.log_q, latent.log_p, beta)
+        elbo = bound_of(rec, latent.kl, latent.log_q, latent.log_p, beta)
         return VAEOutput(latent.z, mu, logvar, mean_decoded, rec, latent.kl, latent.log_q, latent.log_p, elbo,
                          -elbo.mean())
 
@@ -188,7 +186,8 @@ class VAE(nn.Module):
         decoder output and its gradient are never held. Any other decoder: decode, then the
         likelihood op.
         """
-        layer = registry.fused_output_layer(self.decoder)
+        head = self.likelihood_spec.fused_head
+        layer = registry.fused_output_layer(self.decoder) if head is not None else None
         if layer is None:
             decoded = self.decode(z, condition)
             return (decoded[0] if isinstance(decoded, tuple) else decoded), self.log_likelihood(decoded, x)
@@ -199,8 +198,9 @@ class VAE(nn.Module):
         h = h.reshape(*z.shape[:-1], h.shape[-1])
         # Every row's incoming gradient is the same for the averaged bounds, so the head's gradients
         # are computed in its forward; IWAE weights rows differently, so its backward recomputes.
-        rec = ops.fused_head_log_likelihood(h, layer.weight, layer.bias, x, self.likelihood, self.gaussian_logvar,
-                                            precompute_grads=objective != "iwae", check_range=False)
+        rec = ops.fused_head_log_likelihood(h, layer.weight, layer.bias, x, head, self.gaussian_logvar,
+                                            precompute_grads=objectives.get(objective).rows_weighted_equally,
+                                            check_range=False)
 
         def decoded():
             out = self.decode(z, condition)
@@ -210,10 +210,13 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------------
     def mean_image(self, decoded) -> Tensor:
-        """E[x|z]: sigmoid of the logits, or the Gaussian mean."""
-        if self.likelihood == "bernoulli":
-            return torch.sigmoid(decoded)
-        return decoded[0] if isinstance(decoded, tuple) else decoded
+        """E[x|z] from the decoder's output, as the likelihood declares it (sigmoid of logits, means...)."""
+        return self.likelihood_spec.mean(self.likelihood_spec.split(decoded))
+
+    def draw_image(self, decoded, generator: torch.Generator | None = None) -> Tensor:
+        """One draw x ~ p(x|z) from the decoder's output."""
+        spec = self.likelihood_spec
+        return spec.sample(spec.split(decoded), self.likelihood_settings, generator)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
@@ -224,13 +227,14 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, num: int, condition: Tensor | None = None, generator: torch.Generator | None = None,
-               device=None) -> Tensor:
-        """E[x|z] for z drawn from the prior N(0, I): (num, *input_shape)."""
+               device=None, mean: bool = True) -> Tensor:
+        """E[x|z] for z drawn from the prior N(0, I): (num, *input_shape); mean=False: x ~ p(x|z) instead."""
         if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
             raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
         param = next(self.parameters())
         z = torch.randn(num, self.latent_dim, generator=generator, dtype=param.dtype, device=device or param.device)
-        return self.mean_image(self.decode(z, condition))
+        decoded = self.decode(z, condition)
+        return self.mean_image(decoded) if mean else self.draw_image(decoded, generator)
 
     @torch.no_grad()
     def sample_per_class(self, per_class: int, generator: torch.Generator | None = None) -> Tensor:
@@ -257,10 +261,5 @@ class VAE(nn.Module):
 
 
 def bound(objective: str, rec: Tensor, kl: Tensor, log_q: Tensor, log_p: Tensor, beta: float = 1.0) -> Tensor:
-    """The per-example lower bound of `objective` from the per-sample terms (L, B)."""
-    if objective == "analytic":
-        return rec.mean(0) - beta * kl
-    log_w = rec + beta * (log_p - log_q)
-    if objective == "monte_carlo":
-        return log_w.mean(0)
-    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+    """The per-example lower bound of the registered `objective` from the per-sample terms (L, B)."""
+    return objectives.get(objective).bound(rec, kl, log_q, log_p, beta)

@@ -120,10 +120,14 @@ def latent_terms(
 
 
 def bernoulli_log_prob(logits: Tensor, x: Tensor) -> Tensor:
-    """sum_p x*a - softplus(a) per row; logits (L,B,P) or (B,P), x (B,P)."""
+    """sum_p x*a - softplus(a) per row; logits (L,B,P) or (B,P), x (B,P).
+
+    softplus(a) = logaddexp(a, 0), exact at every logit: torch's softplus returns a itself
+    above a = 20, which is e^-a (up to 2e-9) short of it, far above float64 rounding.
+    """
     dtype = _compute_dtype(logits.dtype)
     a, x = logits.to(dtype), x.to(dtype)
-    return (x * a - torch.nn.functional.softplus(a)).sum(-1)
+    return (x * a - torch.logaddexp(a, torch.zeros_like(a))).sum(-1)
 
 
 def gaussian_log_prob(mean: Tensor, x: Tensor, logvar: Tensor | None = None, logvar_value: float = 0.0) -> Tensor:

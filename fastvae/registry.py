@@ -22,9 +22,10 @@ from importlib.metadata import entry_points
 
 from torch import Tensor, nn
 
+from . import likelihoods, objectives
+
 ENTRY_POINT_GROUP = "fastvae.architectures"
 KINDS = ("encoder", "decoder")
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 BUILTIN = "builtin"
 # Constructor arguments every architecture shares; the listing shows only the others.
 _CONTRACT_PARAMS = {"input_shape", "output_shape", "latent_dim", "condition_dim", "likelihood"}
@@ -90,15 +91,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Base class of decoders: z (N, latent_dim) -> parameters of p(x|z) over output_shape.
 
-    "bernoulli" gives logits, "gaussian" means, "gaussian_learned" a (mean, logvar) tuple,
-    each (N, *output_shape). Subclasses produce self.params_per_element values per output
-    element, parameter-major (e.g. (N, params_per_element * C, H, W)), and finish with
-    self.to_output(raw), so the likelihood handling lives here once.
+    The likelihood's declaration (fastvae/likelihoods.py) names the parameters: one gives a
+    tensor ("bernoulli" logits, "gaussian" means), several a tuple ("gaussian_learned"
+    (mean, logvar)), each (N, *output_shape). Subclasses produce self.params_per_element
+    values per output element, parameter-major (e.g. (N, params_per_element * C, H, W)), and
+    finish with self.to_output(raw), so the likelihood handling lives here once.
 
     Fused head (optional): a decoder whose last layer is an nn.Linear may expose
     `hidden(z, condition) -> h` (N, H), the input of that layer, and `output_layer`, the layer,
     such that forward(z, condition) == self.to_output(self.output_layer(self.hidden(z, condition))).
-    The VAE then computes log p(x|z) from h with the fused head op (fastvae.ops.
+    When the likelihood declares a fused head (Likelihood.fused_head: bernoulli, gaussian,
+    gaussian_learned), the VAE then computes log p(x|z) from h with the fused head op (fastvae.ops.
     fused_head_log_likelihood), never holding the (L, B, P) logits or their gradient. Setting
     `fused_head = False` on the decoder turns that off; see fused_output_layer.
     """
@@ -115,12 +118,11 @@ class Decoder(nn.Module):
         super().__init__()
         self.output_shape = _check_shape("output_shape", output_shape)
         _check_dims(latent_dim, condition_dim)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        spec = likelihoods.get(likelihood)
         self.latent_dim = latent_dim
         self.condition_dim = condition_dim
         self.likelihood = likelihood
-        self.params_per_element = 2 if likelihood == "gaussian_learned" else 1
+        self.params_per_element = spec.params_per_element
 
     @property
     def output_numel(self) -> int:
@@ -134,8 +136,8 @@ class Decoder(nn.Module):
 
     def to_output(self, raw: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         params = raw.reshape(raw.shape[0], self.params_per_element, *self.output_shape)
-        if self.likelihood == "gaussian_learned":
-            return params[:, 0], params[:, 1]
+        if self.params_per_element > 1:
+            return params.unbind(1)
         return params[:, 0]
 
 
@@ -267,13 +269,16 @@ def _ensure_loaded() -> None:
 
 
 def reload_plugins() -> None:
-    """Forget what plugins registered and scan the entry points again (after an install, in tests)."""
+    """Forget what plugins registered and scan the entry points again (after an install, in tests):
+    architectures, likelihoods and objectives."""
     global _plugins_loaded
     for entries in _REGISTRY.values():
         for name in [name for name, entry in entries.items() if entry.from_plugin]:
             del entries[name]
     _plugins_loaded = False
     _ensure_loaded()
+    likelihoods.reload_plugins()
+    objectives.reload_plugins()
 
 
 # ----------------------------------------------------------------------------- lookup

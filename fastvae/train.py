@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed
+from . import distributed, likelihoods
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import OPTIMIZERS, TrainConfig
 from .evaluate import evaluate
@@ -60,6 +61,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, train_set, val_set=None, model: VAE | None = None):
         config.validate()
+        config, self.likelihood_choice = resolve_likelihood(config, train_set)
         self.config = config
         self.train_set = train_set
         self.val_set = val_set
@@ -73,7 +75,9 @@ class Trainer:
         self.model = (model or VAE(
             train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,
             encoder_config=config.arch_config, decoder_config=config.arch_config, condition_dim=condition_dim,
+            gaussian_logvar=config.gaussian_logvar,
         )).to(self.device)
+        self.model.likelihood_spec.check_data(train_set.images, f"the training set {train_set.name!r}")
         self.world = distributed.init_from_environment(self.device)
         # Training steps go through DDP when torchrun started several processes;
         # validation, pictures and checkpoints use the plain module on rank 0.
@@ -340,7 +344,14 @@ class Trainer:
         bar.close()
         elbo, rec, kl = records[:, :3].sum(0).tolist()
         elbo, rec, kl, seen = self.world.all_sum([elbo, rec, kl, float(counts)])
-        return {"train_elbo": elbo / max(seen, 1), "train_rec": rec / max(seen, 1), "train_kl": kl / max(seen, 1)}
+        row = {"train_elbo": elbo / max(seen, 1), "train_rec": rec / max(seen, 1), "train_kl": kl / max(seen, 1)}
+        return {**row, **self._bits_per_dim("train_bpd", row["train_elbo"])}
+
+    def _bits_per_dim(self, column: str, elbo: float) -> dict:
+        """{column: -elbo in bits per dimension} for likelihoods that report it (8-bit images), else {}."""
+        if not self.model.likelihood_spec.bits_per_dim:
+            return {}
+        return {column: likelihoods.bits_per_dim(-elbo, self.model.input_shape)}
 
     def validate(self, epoch: int) -> dict:
         if self.val_set is None or len(self.val_set) == 0:
@@ -351,7 +362,8 @@ class Trainer:
             results = evaluate(self.model, self.val_set.images, self.val_set.labels, self.val_set.num_classes,
                                binarize=lambda x: data_lib.binarize(x, mode, generator=generator),
                                generator=generator)
-        return {"val_elbo": results["elbo"], "val_rec": results["rec"], "val_kl": results["kl"]}
+        return {"val_elbo": results["elbo"], "val_rec": results["rec"], "val_kl": results["kl"],
+                **self._bits_per_dim("val_bpd", results["elbo"])}
 
     def fit(self, resume: bool = False) -> list[dict]:
         if resume:
@@ -415,6 +427,15 @@ class Trainer:
         return None
 
 
+def resolve_likelihood(config: TrainConfig, dataset) -> tuple[TrainConfig, str | None]:
+    """config with likelihood "auto" replaced by the likelihood that fits the data set (what the
+    checkpoint then stores), and a line saying which and why; (config, None) when it names one."""
+    if config.likelihood != likelihoods.AUTO:
+        return config, None
+    name, reason = likelihoods.resolve_auto(dataset.images, dataset.binary_benchmark)
+    return dataclasses.replace(config, likelihood=name), f"likelihood: {name} (auto: {dataset.name} is {reason})"
+
+
 def split_validation(dataset, fraction: float):
     """The last `fraction` of the training set (deterministic) becomes the validation set."""
     count = int(len(dataset) * fraction)
@@ -424,7 +445,8 @@ def split_validation(dataset, fraction: float):
 
     def part(sl):
         labels = dataset.labels[sl] if dataset.labels is not None else None
-        return data_lib.ImageDataset(dataset.images[sl], labels, dataset.num_classes, dataset.name)
+        return data_lib.ImageDataset(dataset.images[sl], labels, dataset.num_classes, dataset.name,
+                                     dataset.binary_benchmark)
 
     return part(slice(0, cut)), part(slice(cut, None))
 
@@ -443,6 +465,8 @@ def train(config: TrainConfig, resume: bool = False) -> tuple[Trainer, list[dict
     full = data_lib.load_dataset(config.data, "train")
     train_set, val_set = split_validation(full, config.val_fraction)
     trainer = Trainer(config, train_set, val_set)
+    if trainer.likelihood_choice and trainer.world.is_main:
+        tqdm.write(trainer.likelihood_choice)
     history = trainer.fit(resume=resume)
     trainer.model.eval()
     if trainer.world.is_main:

@@ -2,12 +2,12 @@
 
 import shutil
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+from plugin_helpers import install, install_toy_plugin
 
 from fastvae import registry
 from fastvae.registry import (
@@ -21,46 +21,10 @@ from fastvae.registry import (
     register_encoder,
 )
 
-TOY_PLUGIN = Path(__file__).parent / "plugin_fixture" / "fastvae_toy_plugin"
-
 
 @pytest.fixture(autouse=True)
-def scratch_registry(monkeypatch):
-    """Run each test on a copy of the registry, so what it registers never leaks into another."""
-    registry.available()  # built-ins and installed plugins in place before the copy
-    copy = {kind: dict(entries) for kind, entries in registry._REGISTRY.items()}
-    monkeypatch.setattr(registry, "_REGISTRY", copy)
-    monkeypatch.setattr(registry, "_plugins_loaded", True)
-
-
-@pytest.fixture
-def site(tmp_path, monkeypatch):
-    """A folder on sys.path that plays site-packages; forgets the modules installed there afterwards."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = set(sys.modules)
-    yield tmp_path
-    for name in set(sys.modules) - before:
-        del sys.modules[name]
-
-
-def install(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
-    """Write modules and a dist-info for `dist`, as pip would, so importlib.metadata finds it."""
-    for relative, source in modules.items():
-        path = site / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(source)
-    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
-    info.mkdir()
-    info.joinpath("METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    lines = [f"[{registry.ENTRY_POINT_GROUP}]"] + [f"{name} = {value}" for name, value in entry_points.items()]
-    info.joinpath("entry_points.txt").write_text("\n".join(lines) + "\n")
-
-
-def install_toy_plugin(site: Path) -> None:
-    """Install tests/plugin_fixture/fastvae_toy_plugin with the entry points its pyproject declares."""
-    project = tomllib.loads((TOY_PLUGIN / "pyproject.toml").read_text())["project"]
-    shutil.copytree(TOY_PLUGIN / "src", site, dirs_exist_ok=True)
-    install(site, project["name"], project["entry-points"][registry.ENTRY_POINT_GROUP], {})
+def scratch(scratch_registries):
+    """Every test here runs on copies of the registries (see conftest.py)."""
 
 
 def make_pair(name: str, **options):

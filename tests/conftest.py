@@ -1,0 +1,44 @@
+"""Shared fixtures, and the hypothesis profiles of tests/test_properties.py.
+
+HYPOTHESIS_PROFILE picks the profile: "default" (few examples, so the whole suite stays
+quick) unless set; .ci/run sets "ci", which tries many more.
+"""
+
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from fastvae import likelihoods, objectives, registry
+
+# deadline=None: the first call of an op shape can be slow on a loaded machine (allocation,
+# thread start-up); a timing limit would fail correct code.
+settings.register_profile("default", max_examples=12, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def scratch_registries(monkeypatch):
+    """Run a test on copies of the architecture registry and the likelihood and objective tables,
+    so what it registers (or what plugins it installs register) never leaks into another test."""
+    registry.available()  # built-ins and installed plugins in place before the copies
+    monkeypatch.setattr(registry, "_REGISTRY", {kind: dict(entries) for kind, entries in registry._REGISTRY.items()})
+    monkeypatch.setattr(registry, "_plugins_loaded", True)
+    for table in (likelihoods.LIKELIHOODS, objectives.OBJECTIVES):
+        table.names()
+        monkeypatch.setattr(table, "_entries", dict(table._entries))
+        monkeypatch.setattr(table, "_plugins_loaded", True)
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A folder on sys.path that plays site-packages; forgets the modules installed there afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
