@@ -165,7 +165,6 @@ def export_decoder(model: VAE, example_batch: int = 4, with_likelihood: bool = F
     z = torch.zeros(example_batch, model.latent_dim)
     batch = torch.export.Dim("batch", min=1)
     if not with_likelihood:
-        return torch.export.export(module, (z,), dynamic_shapes={"z": {0: batch}, "x": None})
+        return torch.export.export(module, (z,), dynamic_shapes=({0: batch},))
     x = torch.zeros(example_batch, *model.input_shape)
-    shapes = {"z": {0: batch}, "x": {0: batch}}
-    return torch.export.export(module, (z, x), dynamic_shapes=shapes)
+    return torch.export.export(module, (z, x), dynamic_shapes=({0: batch}, {0: batch}))

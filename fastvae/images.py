@@ -180,6 +180,7 @@ def _colour(label: str, index: int) -> tuple[int, int, int]:
 
 def _plot_with_matplotlib(x_name: str, x, panels: list, png_path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(4 * len(panels), 4), dpi=100)
     for ax, (title, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
@@ -189,6 +190,7 @@ def _plot_with_matplotlib(x_name: str, x, panels: list, png_path: Path) -> None:
                     label=label, color=tuple(c / 255 for c in _colour(label, i)))
         ax.set_title(title)
         ax.set_xlabel(x_name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
         ax.margins(x=0.02, y=0.05)
         ax.grid(alpha=0.3)
         if len(lines) > 1:
