@@ -30,7 +30,8 @@ def test_two_processes_match_one_process(tmp_path):
     for x, y in zip(a, b):
         assert abs(x["train_elbo"] - y["train_elbo"]) < 1e-3
     leftovers = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert leftovers == ["checkpoint.pt", "loss.png", "metrics.csv", "reconstructions.png", "samples.png"]
+    assert leftovers == ["checkpoint.pt", "interpolations.png", "loss.png", "metrics.csv", "reconstructions.png",
+                         "samples.png", "traversal.png"]
 
 
 def test_resume_under_torchrun(tmp_path):
