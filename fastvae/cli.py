@@ -398,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="version, active backend and build configuration")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch on this machine (< 1 minute)")
-    bench.add_argument("--seconds", type=float, default=1.5, help="time budget per case (default 1.5)")
+    bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch on this machine (< 1 minute)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--seconds", type=float, default=1.5, help="time budget per case")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -4,7 +4,7 @@ Every loss term is per example, summed over data and latent dimensions, in nats:
     rec[l, b]   = log p(x_b | z_lb)        (fused likelihood op)
     kl[b]       = KL(q(z|x_b) || N(0, I))  (analytic, fused latent op)
     log_q, log_p[l, b]                     (fused latent op)
-Objectives (seed "Training"; DESIGN.md section 1):
+Objectives (docs/DESIGN.md section 1):
     "analytic"    SGVB-B, the default:  elbo = mean_l rec - beta*kl
     "monte_carlo" SGVB-A:               elbo = mean_l (rec + beta*(log_p - log_q))
     "iwae"        Burda et al. 2016:    logsumexp_l (rec + log_p - log_q) - log L

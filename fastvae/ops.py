@@ -223,7 +223,7 @@ else:
 
 
 # ---------------------------------------------------------------------------
-# Randomness: (seed, offset) drawn from torch's generators (DESIGN.md section 2).
+# Randomness: (seed, offset) drawn from torch's generators (docs/DESIGN.md section 2).
 # ---------------------------------------------------------------------------
 # A CPU seed is what `torch.empty((), dtype=torch.int64).random_(generator=generator)` gives;
 # the extension's draw_cpu_seed returns the same value from the same generator state without

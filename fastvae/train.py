@@ -1,4 +1,4 @@
-"""Training: the minibatch SGVB loop of the seed's "Summary", on the fused ops.
+"""Training: the minibatch SGVB loop (docs/DESIGN.md section 4), on the fused ops.
 
 For each minibatch of M examples: draw M x L noise values (inside the latent op),
 compute the estimator's gradient, and take an optimizer step. Around that loop:
