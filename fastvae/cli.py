@@ -120,7 +120,7 @@ def _check_resume_flags(config, explicit: set[str]) -> None:
                          "on resume), or start a new run with another --out")
     changed = [f"{flags[name]} {getattr(config, name)}" for name in RESUMABLE_FIELDS
                if name in explicit and name != "out_dir"]
-    if changed:
+    if changed and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
         print(f"resuming {config.out_dir} with {', '.join(changed)}", file=sys.stderr)
 
 
