@@ -17,6 +17,15 @@ from pathlib import Path
 import torch
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, or an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def cmd_info(args) -> int:
     from . import __version__, ops
 
@@ -305,7 +314,7 @@ def config_from_args(args, config_class):
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VAE (default: the embedded 8x8 digits, under a minute)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     add_train_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -326,7 +335,7 @@ MODEL_HELP = "run folder, checkpoint file, or folder written by `fastvae export`
 
 
 def _model_parser(sub, name: str, help: str):
-    p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=help, formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", type=Path, help=MODEL_HELP)
     return p
 
@@ -399,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch on this machine (< 1 minute)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelpFormatter)
     bench.add_argument("--seconds", type=float, default=1.5, help="time budget per case")
     bench.set_defaults(func=cmd_bench)
     return parser
