@@ -10,3 +10,16 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     from fastvae.bench import machine_description
 
     machine_info["fastvae"] = machine_description()
+
+
+def pytest_configure(config):
+    """Refuse to time the pure-PyTorch fallback as if it were the fused ops."""
+    import pytest
+
+    import fastvae
+
+    if fastvae.backend() != "cpp" and os.environ.get("FASTVAE_BACKEND", "").lower() != "reference":
+        raise pytest.UsageError(
+            "fastvae's C++ extension is not built: the benchmarks would time the pure-PyTorch fallback "
+            f"(or skip). {fastvae.ops.build_hint()} To benchmark the fallback on purpose, set FASTVAE_BACKEND=reference."
+        )

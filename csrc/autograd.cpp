@@ -62,7 +62,7 @@ using LatentFromGeneratorSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const 
                                                                           int64_t, bool);
 
 // What both latent ops save and how their gradient flows (the noise is data either way).
-// eps is not saved: std*eps = z - mu (DESIGN.md section 1).
+// eps is not saved: std*eps = z - mu (docs/DESIGN.md section 1).
 variable_list save_latent_outputs(AutogradContext* ctx, std::tuple<Tensor, Tensor, Tensor, Tensor> out,
                                   const Tensor& mu, const Tensor& logvar, bool stl) {
   auto& [z, kl, log_q, log_p] = out;
