@@ -67,6 +67,15 @@ def test_reduced_precision_accumulates_in_float32(dtype, tol, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_backward_keeps_the_dtype(dtype, device):
+    logits, x = data(batch=4, pixels=20, dtype=dtype, device=device)
+    logits.requires_grad_()
+    fastvae.gaussian_log_likelihood(logits, x, -1.0).sum().backward()
+    assert logits.grad.dtype == dtype and torch.isfinite(logits.grad.float()).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bernoulli_extreme_logits_stay_finite_and_exact(device):
     logits = torch.tensor([[200.0, -200.0, 30.0, -30.0]], device=device)
     x = torch.tensor([[1.0, 0.0, 1.0, 0.0]], device=device)
