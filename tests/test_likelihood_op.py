@@ -67,6 +67,15 @@ def test_reduced_precision_accumulates_in_float32(dtype, tol, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_backward_keeps_the_dtype(dtype, device):
+    logits, x = data(batch=4, pixels=20, dtype=dtype, device=device)
+    logits.requires_grad_()
+    fastvae.gaussian_log_likelihood(logits, x, -1.0).sum().backward()
+    assert logits.grad.dtype == dtype and torch.isfinite(logits.grad.float()).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bernoulli_extreme_logits_stay_finite_and_exact(device):
     logits = torch.tensor([[200.0, -200.0, 30.0, -30.0]], device=device)
     x = torch.tensor([[1.0, 0.0, 1.0, 0.0]], device=device)
@@ -215,8 +224,10 @@ def test_nan_in_decoder_output_propagates_to_its_row(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
-    assert fastvae.bernoulli_log_likelihood(torch.zeros(2, 0, 4, device=device), torch.zeros(0, 4, device=device)).shape == (2, 0)
-    assert fastvae.bernoulli_log_likelihood(torch.zeros(2, 3, 0, device=device), torch.zeros(3, 0, device=device)).shape == (2, 3)
+    empty_batch = fastvae.bernoulli_log_likelihood(torch.zeros(2, 0, 4, device=device), torch.zeros(0, 4, device=device))
+    assert empty_batch.shape == (2, 0)
+    no_pixels = fastvae.bernoulli_log_likelihood(torch.zeros(2, 3, 0, device=device), torch.zeros(3, 0, device=device))
+    assert torch.equal(no_pixels, torch.zeros(2, 3, device=device))
 
 
 @requires_cpp

@@ -45,9 +45,10 @@ namespace {
 
 constexpr int kFlatThreads = 256;  // threads per block of the element-wise kernels
 
-// How far one call moves the CUDA generator's Philox offset. The offset is the high half of
-// each element's counter (fastvae.h, normal4), so any step keeps calls apart; 4 is the
-// smallest that philox_cuda_state accepts.
+// How far one call moves the CUDA generator's Philox offset: what fastvae's host-side draw
+// always moved it (fastvae.ops.draw_seed), so eager noise is unchanged. The offset is the high
+// half of each element's counter (fastvae.h, normal4), so any step keeps calls apart, and torch
+// keeps offsets in multiples of 4.
 constexpr uint64_t kOffsetIncrement = 4;
 
 // The three per-row sums of the forward (fastvae.h, latent_element), reduced together in one pass.
