@@ -14,18 +14,18 @@ log-likelihood. Shapes follow fastvae's contract, so results are interchangeable
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch.distributions import Bernoulli, ContinuousBernoulli, Normal, kl_divergence
 
-import fastvae
 from fastvae.bench import eager_bernoulli as bernoulli_eager
 from fastvae.bench import eager_latent as latent_eager
 from fastvae.bench import fused_bernoulli as bernoulli_fastvae
 from fastvae.bench import NOISE_SIZES  # noqa: F401  (the sizes of the normal_ comparison)
 from fastvae.bench import fused_latent as latent_fastvae
+from fastvae.bench import eager_continuous_bernoulli as continuous_bernoulli_eager
+from fastvae.bench import eager_discretized_logistic as discretized_logistic_eager
+from fastvae.bench import fused_continuous_bernoulli as continuous_bernoulli_fastvae
+from fastvae.bench import fused_discretized_logistic as discretized_logistic_fastvae
 from fastvae.bench import normal_fill  # noqa: F401
 from fastvae.bench import run_mode  # noqa: F401  (the benchmark files take it from here)
 
@@ -85,54 +85,9 @@ def bernoulli_bytes(logits_numel, batch, pixels, mode):
     return traffic if mode == "forward" else 2 * traffic + logits_numel * FLOAT_BYTES  # + grad_logits out
 
 
-# ---------------------------------------------------------------------------
 # Continuous Bernoulli and discretized logistic (benchmarks/test_bench_likelihoods.py).
-# ---------------------------------------------------------------------------
-def continuous_bernoulli_eager(logits, x):
-    """What a VAE written in eager PyTorch does (as pytorch/examples' VAE): the Bernoulli term from
-    logits, plus log C(lambda) = log(2 atanh(1 - 2 lambda) / (1 - 2 lambda)) from the probabilities,
-    with its Taylor expansion log 2 + 4/3 d^2 + 104/45 d^4 (d = lambda - 1/2) where that form is 0/0."""
-    log_bernoulli = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
-    probs = torch.sigmoid(logits)
-    d = probs - 0.5
-    near_half = d.abs() < 1e-2
-    far = torch.where(near_half, torch.full_like(probs, 0.25), 1 - 2 * probs)  # no 0/0 in the unused branch
-    log_norm = torch.where(near_half, math.log(2) + d.pow(2) * (4 / 3 + d.pow(2) * (104 / 45)),
-                           torch.log(2 * torch.atanh(far) / far))
-    return (log_bernoulli + log_norm).sum(-1)
-
-
 def continuous_bernoulli_distributions(logits, x):
     return ContinuousBernoulli(logits=logits).log_prob(x.expand_as(logits)).sum(-1)
-
-
-def continuous_bernoulli_fastvae(logits, x):
-    return fastvae.continuous_bernoulli_log_likelihood(logits, x, check_range=False)
-
-
-_HALF_BIN = 0.5 / 255
-
-
-def discretized_logistic_eager(mean, log_scale, x):
-    """PixelCNN++'s discretized logistic (one component, data in [0, 1], bins of width 1/255):
-    sigmoid CDF differences, log-sigmoid edges, and the mid-bin density where the difference underflows."""
-    centred = x - mean
-    inv_scale = torch.exp(-log_scale)
-    plus_in = inv_scale * (centred + _HALF_BIN)
-    min_in = inv_scale * (centred - _HALF_BIN)
-    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
-    log_cdf_plus = plus_in - F.softplus(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)
-    mid_in = inv_scale * centred
-    log_pdf_mid = mid_in - log_scale - 2 * F.softplus(mid_in)
-    interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - math.log(255))
-    log_probs = torch.where(x < _HALF_BIN, log_cdf_plus,
-                            torch.where(x > 1 - _HALF_BIN, log_one_minus_cdf_min, interior))
-    return log_probs.sum(-1)
-
-
-def discretized_logistic_fastvae(mean, log_scale, x):
-    return fastvae.discretized_logistic_log_likelihood(mean, log_scale, x, check_range=False)
 
 
 CONTINUOUS_BERNOULLI = {

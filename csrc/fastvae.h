@@ -570,37 +570,39 @@ struct DiscretizedLogisticLikelihood {
   template <typename T>
   static FASTVAE_FN Second<T> second(T log_scale) { return {log_scale, exp_of(-log_scale)}; }
 
+  // The bin of x in units of the scale: u+, u- and their distance d. (Plain
+  // out-parameters, not a struct holding the edge flags: GCC leaves a struct
+  // with bool members in memory and then does not vectorize the loop.)
   template <typename T>
-  struct Bin {
-    T upper, lower, width;  // u+, u-, d
-    bool bottom, top;       // x = 0, x = 1
-  };
-  template <typename T>
-  static FASTVAE_FN Bin<T> bin(T mean, Second<T> s, T x) {
+  static FASTVAE_FN void bin(T mean, Second<T> s, T x, T* upper, T* lower, T* width) {
     const T centred = x - mean;
-    return {(centred + T(kHalfBin)) * s.inv_scale, (centred - T(kHalfBin)) * s.inv_scale,
-            T(2 * kHalfBin) * s.inv_scale, x < T(kHalfBin), x > T(1 - kHalfBin)};
+    *upper = (centred + T(kHalfBin)) * s.inv_scale;
+    *lower = (centred - T(kHalfBin)) * s.inv_scale;
+    *width = T(2 * kHalfBin) * s.inv_scale;
   }
 
   template <typename T>
   static FASTVAE_FN T log_prob(T mean, Second<T> s, T x) {
-    const Bin<T> b = bin(mean, s, x);
-    const T log_cdf_upper = -softplus(-b.upper);
-    const T log_sf_lower = -softplus(b.lower);
-    const T log_width = log_one_minus_exp(b.width, exp_of(-b.width));
-    return (b.top ? T(0) : log_cdf_upper) + (b.bottom ? T(0) : log_sf_lower) +
-           (b.top || b.bottom ? T(0) : log_width);
+    T upper, lower, width;
+    bin(mean, s, x, &upper, &lower, &width);
+    const bool bottom = x < T(kHalfBin), top = x > T(1 - kHalfBin);  // x = 0, x = 1
+    const T log_cdf_upper = -softplus(-upper);
+    const T log_sf_lower = -softplus(lower);
+    const T log_width = log_one_minus_exp(width, exp_of(-width));
+    return (top ? T(0) : log_cdf_upper) + (bottom ? T(0) : log_sf_lower) + ((top | bottom) ? T(0) : log_width);
   }
   // d/du+ log sigmoid(u+) = sigmoid(-u+); d/du- log sigmoid(-u-) = -sigmoid(u-);
   // d/dd log(1 - e^-d) = 1/(e^d - 1). u+-, d scale as 1/scale: d/dlog_scale = -(u+ g+ + u- g- + d g_d).
   template <typename T>
   static FASTVAE_FN LikelihoodGrads<T> grads(T mean, Second<T> s, T x) {
-    const Bin<T> b = bin(mean, s, x);
-    const T g_upper = b.top ? T(0) : sigmoid(-b.upper);
-    const T g_lower = b.bottom ? T(0) : -sigmoid(b.lower);
-    const T width_g_width = b.top || b.bottom ? T(0) : a_over_expm1(b.width, exp_of(-b.width));
+    T upper, lower, width;
+    bin(mean, s, x, &upper, &lower, &width);
+    const bool bottom = x < T(kHalfBin), top = x > T(1 - kHalfBin);
+    const T g_upper = top ? T(0) : sigmoid(-upper);
+    const T g_lower = bottom ? T(0) : -sigmoid(lower);
+    const T width_g_width = (top | bottom) ? T(0) : a_over_expm1(width, exp_of(-width));
     const T d_centred = (g_upper + g_lower) * s.inv_scale;
-    const T d_log_scale = -(b.upper * g_upper + b.lower * g_lower + width_g_width);
+    const T d_log_scale = -(upper * g_upper + lower * g_lower + width_g_width);
     return {-d_centred, d_log_scale, d_centred};
   }
   template <typename T>

@@ -1,10 +1,10 @@
 """`fastvae bench`: a quick, self-contained check of the fused ops' speed-up on your machine.
 
-It times the latent op and the Bernoulli likelihood (forward+backward) against the
-same math in eager PyTorch, and the latent forward (noise drawn in the kernel)
-against `Tensor.normal_` filling the same number of elements, interleaving the
-providers so machine noise hits both, and prints medians and ratios together with
-the CPU and the instruction-set level the kernels ran at. The full suite with
+It times the latent op and the Bernoulli, continuous Bernoulli and discretized logistic
+likelihoods (forward+backward) against the same math in eager PyTorch, and the latent forward
+(noise drawn in the kernel) against `Tensor.normal_` filling the same number of elements,
+interleaving the providers so machine noise hits both, and prints medians and ratios together
+with the CPU and the instruction-set level the kernels ran at. The full suite with
 torch.compile and torch.distributions is in benchmarks/ (pytest-benchmark).
 """
 
@@ -51,6 +51,50 @@ def eager_bernoulli(logits, x):
 
 def fused_bernoulli(logits, x):
     return ops.bernoulli_log_likelihood(logits, x, check_range=False)
+
+
+def eager_continuous_bernoulli(logits, x):
+    """What a VAE written in eager PyTorch does (as pytorch/examples' VAE): the Bernoulli term from
+    logits, plus log C(lambda) = log(2 atanh(1 - 2 lambda) / (1 - 2 lambda)) from the probabilities,
+    with its Taylor expansion log 2 + 4/3 d^2 + 104/45 d^4 (d = lambda - 1/2) where that form is 0/0."""
+    log_bernoulli = -torch.nn.functional.binary_cross_entropy_with_logits(logits, x.expand_as(logits),
+                                                                          reduction="none")
+    d = torch.sigmoid(logits) - 0.5
+    near_half = d.abs() < 1e-2
+    far = torch.where(near_half, torch.full_like(d, 0.5), -2 * d)  # 1 - 2 lambda; no 0/0 in the unused branch
+    log_norm = torch.where(near_half, math.log(2) + d.pow(2) * (4 / 3 + d.pow(2) * (104 / 45)),
+                           torch.log(2 * torch.atanh(far) / far))
+    return (log_bernoulli + log_norm).sum(-1)
+
+
+def fused_continuous_bernoulli(logits, x):
+    return ops.continuous_bernoulli_log_likelihood(logits, x, check_range=False)
+
+
+_HALF_BIN = 0.5 / 255  # 8-bit levels k/255 in [0, 1]
+
+
+def eager_discretized_logistic(mean, log_scale, x):
+    """PixelCNN++'s discretized logistic (one component; data in [0, 1], bins of width 1/255): sigmoid
+    CDF differences, log-sigmoid edge bins, the mid-bin density where the difference underflows."""
+    softplus = torch.nn.functional.softplus
+    centred = x - mean
+    inv_scale = torch.exp(-log_scale)
+    plus_in = inv_scale * (centred + _HALF_BIN)
+    min_in = inv_scale * (centred - _HALF_BIN)
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - softplus(plus_in)
+    log_one_minus_cdf_min = -softplus(min_in)
+    mid_in = inv_scale * centred
+    log_pdf_mid = mid_in - log_scale - 2 * softplus(mid_in)
+    interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid - math.log(255))
+    log_probs = torch.where(x < _HALF_BIN, log_cdf_plus,
+                            torch.where(x > 1 - _HALF_BIN, log_one_minus_cdf_min, interior))
+    return log_probs.sum(-1)
+
+
+def fused_discretized_logistic(mean, log_scale, x):
+    return ops.discretized_logistic_log_likelihood(mean, log_scale, x, check_range=False)
 
 
 def run_mode(fn, inputs, mode, sync=None):
@@ -136,6 +180,15 @@ def run(budget_per_case: float = 1.5, clock=time.perf_counter, latent_only: bool
         mu, logvar = torch.randn(batch, dim), 0.1 * torch.randn(batch, dim)
         rows.append(compare(f"latent fwd vs normal_ B={batch} D={dim}", fused_latent, normal_fill, (mu, logvar),
                             budget_per_case, mode="forward", other_inputs=(torch.empty(batch, dim),), clock=clock))
+    for pixels in [] if latent_only else [784, 3 * 32 * 32]:
+        logits, grey = (2 * torch.randn(128, pixels)).requires_grad_(), torch.rand(128, pixels)
+        rows.append(compare(f"cont. bernoulli fwd+bwd B=128 P={pixels}", fused_continuous_bernoulli,
+                            eager_continuous_bernoulli, (logits, grey), budget_per_case, clock=clock))
+        levels = torch.randint(0, 256, (128, pixels)) / 255.0
+        mean = (levels + 0.05 * torch.randn(128, pixels)).requires_grad_()
+        log_scale = (-4 + 0.5 * torch.randn(128, pixels)).requires_grad_()
+        rows.append(compare(f"disc. logistic fwd+bwd B=128 P={pixels}", fused_discretized_logistic,
+                            eager_discretized_logistic, (mean, log_scale, levels), budget_per_case, clock=clock))
     return rows
 
 
