@@ -144,11 +144,14 @@ class Decoder(nn.Module):
 def fused_output_layer(decoder: nn.Module) -> nn.Linear | None:
     """The decoder's output layer when it takes the fused head (Decoder's "Fused head"), else None.
 
-    Any module qualifies, a Decoder subclass or not: a callable `hidden`, an nn.Linear
+    Any module qualifies, a Decoder subclass or not: a method `hidden`, an nn.Linear
     `output_layer`, and `fused_head` not set to False. Everything else goes through its forward.
+    A submodule named `hidden` (say an nn.Sequential) does not count: that name is too common
+    for a layer whose output forward may still transform.
     """
     layer = getattr(decoder, "output_layer", None)
-    if not getattr(decoder, "fused_head", True) or not callable(getattr(decoder, "hidden", None)):
+    hidden = getattr(decoder, "hidden", None)
+    if not getattr(decoder, "fused_head", True) or not callable(hidden) or isinstance(hidden, nn.Module):
         return None
     return layer if isinstance(layer, nn.Linear) else None
 

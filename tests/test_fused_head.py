@@ -346,6 +346,12 @@ def test_custom_decoder_opts_in_by_the_contract_and_out_by_its_switch():
     torch.testing.assert_close(fused_out.elbo, plain_out.elbo, rtol=1e-12, atol=1e-11)
 
 
+def test_a_submodule_named_hidden_does_not_opt_in():
+    decoder = nn.Module()
+    decoder.hidden, decoder.output_layer = nn.Sequential(nn.Linear(2, 3)), nn.Linear(3, 4)
+    assert registry.fused_output_layer(decoder) is None
+
+
 @pytest.mark.parametrize("name,shape,config", [("conv", (1, 8, 8), {"channels": [4]}),
                                                ("resnet", (1, 8, 8), {"channels": [4]})])
 def test_convolutional_decoders_keep_the_unfused_path(name, shape, config):
