@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-
-import statistics
 
 LEVELS = ["avx512", "avx2", "baseline"]
 ATEN_LEVEL = {"avx512": "avx512", "avx2": "avx2", "baseline": "default"}  # torch's ATEN_CPU_CAPABILITY names

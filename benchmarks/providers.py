@@ -20,14 +20,12 @@ from torch.distributions import Bernoulli, ContinuousBernoulli, Normal, kl_diver
 from fastvae.bench import eager_bernoulli as bernoulli_eager
 from fastvae.bench import eager_latent as latent_eager
 from fastvae.bench import fused_bernoulli as bernoulli_fastvae
-from fastvae.bench import NOISE_SIZES  # noqa: F401  (the sizes of the normal_ comparison)
 from fastvae.bench import fused_latent as latent_fastvae
 from fastvae.bench import eager_continuous_bernoulli as continuous_bernoulli_eager
 from fastvae.bench import eager_discretized_logistic as discretized_logistic_eager
 from fastvae.bench import fused_continuous_bernoulli as continuous_bernoulli_fastvae
 from fastvae.bench import fused_discretized_logistic as discretized_logistic_fastvae
-from fastvae.bench import normal_fill  # noqa: F401
-from fastvae.bench import run_mode  # noqa: F401  (the benchmark files take it from here)
+from fastvae.bench import NOISE_SIZES, normal_fill, run_mode  # noqa: F401  (the benchmark files take them from here)
 
 
 def latent_distributions(mu, logvar, num_samples=None):

@@ -162,7 +162,8 @@ def compare(name: str, fused, other, inputs, budget: float, mode: str = "forward
     return name, min(fused_times), min(other_times)
 
 
-def run(budget_per_case: float = 1.5, clock=time.perf_counter, latent_only: bool = False) -> list[tuple[str, float, float]]:
+def run(budget_per_case: float = 1.5, clock=time.perf_counter,
+        latent_only: bool = False) -> list[tuple[str, float, float]]:
     """Every case of `fastvae bench` (latent_only: without the Bernoulli ones), as (name, fastvae s, other s)."""
     torch.manual_seed(0)
     rows = []

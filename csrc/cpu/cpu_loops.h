@@ -39,7 +39,8 @@ constexpr int64_t kNoiseBufferFloats = kNoiseChunk + 64;
 // Writes the standard normals of sample `sample`, within-sample indices
 // [first, first+count) (count <= kNoiseChunk), into `buf`, which must hold
 // kNoiseBufferFloats floats, and returns the pointer to the normal of index
-// `first`. The same numbers at every CPU level (csrc/cpu/noise.cpp).
+// `first`. AVX2 and AVX-512 give the same bits; the baseline level, which has no
+// FMA, agrees to float rounding (csrc/cpu/noise.cpp).
 const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample, int64_t first, int64_t count, float* buf);
 
 }  // namespace cpu

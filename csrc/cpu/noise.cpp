@@ -6,8 +6,8 @@
 // multiplies (vpmuludq), four or eight blocks per register, each 32-bit word
 // in the low half of a 64-bit lane. Auto-vectorized, the portable philox4x32_10
 // costs a full 64-bit multiply per lane: vpmullq on AVX-512, and on AVX2, which
-// has no 64-bit multiply, three vpmuludq and the shifts to combine them (~2.5x
-// the time of the whole AVX2 draw here). Box-Muller stays the header's scalar
+// has no 64-bit multiply, three vpmuludq and the shifts to combine them (the
+// whole AVX2 draw then took 2.1x as long as here). Box-Muller stays the header's scalar
 // code, which GCC vectorizes, so the words and the normals are the header's:
 // the same stream as CUDA and the NumPy reference.
 #include "cpu_loops.h"
@@ -44,7 +44,8 @@ __attribute__((always_inline)) inline void box_muller_blocks(const uint32_t* wor
 
 #if FASTVAE_X86_LEVELS
 // Blocks counter, counter + 1, ... (a multiple of 8 of them), 8 per iteration in
-// two registers so that two independent chains hide the multiply latency.
+// two registers (two independent chains; four or eight measured no faster: the
+// rounds are throughput-bound).
 // Words live in the low 32 bits of 64-bit lanes; the high halves hold garbage
 // that no step reads: vpmuludq uses only the low halves, and xor and the final
 // pack keep the halves apart.
@@ -87,7 +88,7 @@ FASTVAE_TARGET_AVX2 void philox_words_avx2(uint64_t counter, uint64_t offset, ui
   }
 }
 
-// The same with 8 blocks per register, 16 per iteration; vpternlogd does both xors.
+// The same with 8 blocks per register, 16 per iteration; vpternlogq does both xors.
 FASTVAE_TARGET_AVX512 void philox_words_avx512(uint64_t counter, uint64_t offset, uint64_t seed, int64_t blocks,
                                                uint32_t* words) {
   const __m512i mul0 = _mm512_set1_epi64(kMul0), mul1 = _mm512_set1_epi64(kMul1);
