@@ -28,15 +28,19 @@ def run(tmp_path_factory):
     return trainer.out_dir
 
 
-@pytest.fixture()
-def no_pickle(monkeypatch):
-    """Any unpickling (pickle itself or torch.load) fails the test."""
+def forbid_unpickling(patch):
+    """From here on, any unpickling (pickle itself or torch.load) fails the test."""
     def refuse(*args, **kwargs):
         raise AssertionError("loading an exported model unpickled something")
 
     for name in ("load", "loads", "Unpickler"):
-        monkeypatch.setattr(pickle, name, refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+        patch.setattr(pickle, name, refuse)
+    patch.setattr(torch, "load", refuse)
+
+
+@pytest.fixture()
+def no_pickle(monkeypatch):
+    forbid_unpickling(monkeypatch)
 
 
 def test_export_writes_safetensors_and_plain_json(run, tmp_path):
@@ -52,11 +56,7 @@ def test_load_rebuilds_the_model_without_pickle(run, tmp_path):
     x = torch.rand(5, 1, 8, 8)
     expected = original.reconstruct(x)
     with pytest.MonkeyPatch.context() as patch:
-        def refuse(*args, **kwargs):
-            raise AssertionError("unpickled")
-        for name in ("load", "loads", "Unpickler"):
-            patch.setattr(pickle, name, refuse)
-        patch.setattr(torch, "load", refuse)
+        forbid_unpickling(patch)
         for model in (fastvae.load(folder), VAE.from_pretrained(folder)):
             assert not model.training
             torch.testing.assert_close(model.reconstruct(x), expected, rtol=0, atol=0)
