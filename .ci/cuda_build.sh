@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds fastvae with its CUDA sources against a CUDA build of torch, on a machine
-# that may have no GPU, then imports it (DESIGN.md section 7). Any compile or link
+# that may have no GPU, then imports it (docs/DESIGN.md section 7). Any compile or link
 # error fails the script.
 #
 #   bash .ci/cuda_build.sh [VENV]     (default VENV: /tmp/fastvae-cuda-venv)
@@ -43,7 +43,7 @@ if [ "$torch_cuda" = "None" ]; then
 fi
 site_packages="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
-# 2. The build environment (see DESIGN.md section 7 for why each is needed).
+# 2. The build environment (see docs/DESIGN.md section 7 for why each is needed).
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CPATH="$site_packages/nvidia/cu13/include${CPATH:+:$CPATH}"

@@ -59,7 +59,7 @@ class LatentTerms : public torch::autograd::Function<LatentTerms> {
     static const auto op = find_op<LatentSig>("fastvae::latent_terms");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [z, kl, log_q, log_p] = op.call(mu, logvar, eps, num_samples, seed, offset, row_offset, stl);
-    // eps is not saved: std*eps = z - mu (DESIGN.md section 1).
+    // eps is not saved: std*eps = z - mu (docs/DESIGN.md section 1).
     ctx->save_for_backward({z, mu, logvar});
     ctx->saved_data["stl"] = stl;
     ctx->set_materialize_grads(false);

@@ -6,7 +6,7 @@
 // branch-free scalar code so that GCC auto-vectorizes the CPU loops and nvcc
 // compiles it unchanged for the device.
 //
-// Notation (DESIGN.md section 1): std = exp(0.5*logvar), z = mu + std*eps.
+// Notation (docs/DESIGN.md section 1): std = exp(0.5*logvar), z = mu + std*eps.
 #pragma once
 
 #include <c10/macros/Macros.h>

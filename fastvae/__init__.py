@@ -13,3 +13,4 @@ from .ops import (  # noqa: F401
     reparameterize,
 )
 from .model import VAE  # noqa: F401,E402
+from .export import load  # noqa: F401,E402

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,12 +14,48 @@ from .model import VAE
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class CheckpointWriteError(RuntimeError):
+    """The checkpoint could not be written; the message says why, where, and what was kept."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file and rename, so a kill never leaves a half-written checkpoint."""
+    """Write to a temporary file and rename, so a kill never leaves a half-written checkpoint.
+
+    On failure the temporary file is removed and the previous checkpoint stays as it was.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a short write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(_write_failure(path, state, exc)) from None
+
+
+def _write_failure(path: Path, state: dict, exc: BaseException) -> str:
+    """One sentence: why the write failed, where, and which checkpoint is kept."""
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+    if getattr(exc, "errno", None) == errno.ENOSPC or free < _tensor_bytes(state):
+        reason = f"the disk holding {path.parent} is full ({free} bytes free)"
+    else:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+    try:
+        kept = f"the previous checkpoint (epoch {load_checkpoint(path)['epoch']}) is kept at {path}"
+    except (FileNotFoundError, ValueError):
+        kept = "no earlier checkpoint exists"
+    return f"could not write the checkpoint {path}: {reason}; {kept}; free space and continue with --resume"
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes of the tensors in a nested state (what torch.save needs at least)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def load_checkpoint(path) -> dict:

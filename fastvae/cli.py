@@ -17,6 +17,15 @@ from pathlib import Path
 import torch
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, or an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def cmd_info(args) -> int:
     from . import __version__, ops
 
@@ -70,7 +79,6 @@ def _json_object(text: str) -> dict:
 def cmd_train(args) -> int:
     from . import distributed
     from .config import TrainConfig
-    from .train import train
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
@@ -78,24 +86,60 @@ def cmd_train(args) -> int:
     config = config_from_args(args, TrainConfig)
     if args.hidden is not None:
         config.arch_config = {**config.arch_config, "hidden": args.hidden}
-    try:
-        trainer, _ = train(config, resume=args.resume)
-    except BaseException:
-        distributed.shutdown(wait_for_peers=False)
-        raise
-    epoch, out_dir = trainer.epoch, trainer.out_dir
-    del trainer  # its DDP reducer holds gloo work objects: they must go before the process group
-    distributed.shutdown()
+    if args.resume:
+        _check_resume_flags(config, explicit_train_options(args.argv))
+    with distributed.process_group(config.device):
+        epoch, out_dir = _train(config, args.resume)
     print(f"trained to epoch {epoch}; checkpoint, metrics.csv and PNGs in {out_dir}")
     return 0
 
 
-def _binarizer(train_config: dict, seed: int):
-    """Binarize evaluation data as the run's training data was."""
+def _train(config, resume: bool):
+    """Train and return (epoch, out_dir): the trainer, and with it the DDP model, is freed on return,
+    before the process group is left."""
+    from .train import train
+
+    trainer, _ = train(config, resume=resume)
+    return trainer.epoch, trainer.out_dir
+
+
+def explicit_train_options(argv: list[str]) -> set[str]:
+    """The destinations of the `fastvae train` options the user typed (defaults left out)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_options(parser, defaults=False)
+    return set(vars(parser.parse_known_args(argv[1:])[0]))
+
+
+def _check_resume_flags(config, explicit: set[str]) -> None:
+    """Refuse a --resume whose flags contradict the run's checkpoint; say what applies."""
+    from .train import RESUMABLE_FIELDS, resumed_config
+
+    run = resumed_config(config)
+    flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(config)}
+    differ = []
+    for name in sorted(explicit & set(flags)):
+        if name not in RESUMABLE_FIELDS and getattr(config, name) != getattr(run, name):
+            differ.append(f"{flags[name]} {getattr(config, name)} (the run has {getattr(run, name)})")
+    if "hidden" in explicit and config.arch_config.get("hidden") != run.arch_config.get("hidden"):
+        differ.append(f"--hidden {config.arch_config.get('hidden')} (the run has {run.arch_config.get('hidden')})")
+    if differ:
+        allowed = ", ".join(flags[name] for name in RESUMABLE_FIELDS if name != "out_dir")
+        raise ValueError(f"--resume continues the run in {config.out_dir} as it was trained, but these flags "
+                         f"differ from its checkpoint: {'; '.join(differ)}. Drop them (only {allowed} may change "
+                         "on resume), or start a new run with another --out")
+    changed = [f"{flags[name]} {getattr(config, name)}" for name in RESUMABLE_FIELDS
+               if name in explicit and name != "out_dir"]
+    if changed and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+        print(f"resuming {config.out_dir} with {', '.join(changed)}", file=sys.stderr)
+
+
+def _binarizer(model, train_config: dict | None, seed: int):
+    """Binarize evaluation data as the run's training data was (a model without its training
+    configuration: as `fastvae train` would for its likelihood)."""
     from . import data as data_lib
     from .config import TrainConfig
 
-    mode = TrainConfig.from_dict(train_config).binarize_mode
+    mode = TrainConfig.from_dict({"likelihood": model.likelihood, **(train_config or {})}).binarize_mode
     generator = torch.Generator().manual_seed(seed)
     return lambda x: data_lib.binarize(x, mode, generator=generator)
 
@@ -105,19 +149,29 @@ def cmd_eval(args) -> int:
 
     from . import data as data_lib
     from .evaluate import evaluate
-    from .checkpoint import load_model
+    from .export import load_any
 
-    model, state = load_model(args.checkpoint)
-    dataset = data_lib.load_dataset(args.data or state["train_config"]["data"], args.split)
+    model, train_config = load_any(args.model)
+    dataset = _dataset(args, train_config)
     images = dataset.images[: args.limit] if args.limit else dataset.images
     labels = dataset.labels[: len(images)] if dataset.labels is not None else None
     torch.manual_seed(args.seed)
     results = evaluate(model, images, labels, dataset.num_classes, batch_size=args.batch_size,
-                       is_samples=args.is_samples, binarize=_binarizer(state["train_config"], args.seed),
+                       is_samples=args.is_samples, binarize=_binarizer(model, train_config, args.seed),
                        generator=torch.Generator().manual_seed(args.seed),
                        progress=lambda batches: tqdm(batches, desc="eval", unit="batch", file=sys.stderr))
     print(json.dumps({"data": dataset.name, "split": args.split, "is_samples": args.is_samples, **results}, indent=2))
     return 0
+
+
+def _dataset(args, train_config: dict | None):
+    """--data, else the data set the model was trained on."""
+    from . import data as data_lib
+
+    source = args.data or (train_config or {}).get("data")
+    if source is None:
+        raise ValueError(f"{args.model} does not record its training data: pass --data")
+    return data_lib.load_dataset(source, args.split)
 
 
 def _condition_vector(text: str | None, model):
@@ -143,10 +197,10 @@ def _condition_vector(text: str | None, model):
 
 def cmd_sample(args) -> int:
     from . import images
-    from .checkpoint import load_model
+    from .export import load_any
     from .images import image_scale
 
-    model, _ = load_model(args.checkpoint)
+    model, _ = load_any(args.model)
     generator = torch.Generator().manual_seed(args.seed)
     if args.per_class:
         if not model.condition_dim:
@@ -166,16 +220,56 @@ def cmd_sample(args) -> int:
 def cmd_reconstruct(args) -> int:
     from . import data as data_lib
     from . import images
-    from .checkpoint import load_model
+    from .export import load_any
     from .images import image_scale
 
-    model, state = load_model(args.checkpoint)
-    dataset = data_lib.load_dataset(args.data or state["train_config"]["data"], args.split)
+    model, train_config = load_any(args.model)
+    dataset = _dataset(args, train_config)
     x = dataset.images[: args.num]
     condition = data_lib.one_hot(dataset.labels[: args.num], model.condition_dim) if model.condition_dim else None
     path = images.save_reconstruction_grid(x, model.reconstruct(x, condition), args.out,
                                            scale=image_scale(model.input_shape))
     print(f"wrote {len(x)} inputs and their reconstructions to {path}")
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from .export import load_any
+    from .images import save_interpolation_grid
+
+    model, train_config = load_any(args.model)
+    dataset = _dataset(args, train_config)
+    if len(dataset) < 2:
+        raise ValueError(f"{dataset.name} has {len(dataset)} images; interpolation needs 2")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[: 2 * args.pairs]
+    labels = dataset.labels[order] if dataset.labels is not None else None
+    path = save_interpolation_grid(model, dataset.images[order], args.out, steps=args.steps, labels=labels)
+    print(f"wrote {len(order) // 2} interpolations of {args.steps} steps (one row each) to {path}")
+    return 0
+
+
+def cmd_traverse(args) -> int:
+    from .export import load_any
+    from .images import save_traversal_grid
+
+    model, train_config = load_any(args.model)
+    dataset = _dataset(args, train_config)
+    if not 0 <= args.index < len(dataset):
+        raise ValueError(f"--index must be in 0..{len(dataset) - 1} for {dataset.name} ({args.split}), got {args.index}")
+    label = dataset.labels[args.index] if dataset.labels is not None else None
+    path = save_traversal_grid(model, dataset.images[args.index], args.out, steps=args.steps, span=args.span,
+                               dims=args.dims, label=label)
+    rows = len(args.dims) if args.dims else min(model.latent_dim, 16)
+    print(f"wrote a traversal of {rows} latent dimensions (one row each, {args.steps} steps over "
+          f"+-{args.span}) around image {args.index} to {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    path = export_run(args.model, args.out)
+    print(f"wrote {path / 'model.safetensors'} and {path / 'config.json'}; load with fastvae.load({str(path)!r})")
     return 0
 
 
@@ -186,14 +280,19 @@ def cmd_list(args) -> int:
     return 0
 
 
-def add_config_options(parser, config_class) -> None:
-    """One option per field of a configuration dataclass, with its help, choices and default."""
+def add_config_options(parser, config_class, defaults: bool = True) -> None:
+    """One option per field of a configuration dataclass, with its help, choices and default.
+
+    defaults=False: options left out are absent from the parsed namespace (to tell what was typed).
+    """
     parsers = {"json": _json_object}
     for f in dataclasses.fields(config_class):
         meta = f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kwargs = {"dest": f.name, "default": None if default == {} else default, "help": meta.get("help", "")}
+        if not defaults:
+            kwargs["default"] = argparse.SUPPRESS
         if isinstance(default, bool):
             kwargs["action"] = "store_false" if default else "store_true"
         else:
@@ -214,47 +313,86 @@ def config_from_args(args, config_class):
 
 
 def add_train_parser(sub) -> None:
-    from .config import TrainConfig
-
     p = sub.add_parser("train", help="train a VAE (default: the embedded 8x8 digits, under a minute)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_options(p, TrainConfig)
-    p.add_argument("--hidden", type=_int_list, default=None,
-                   help="hidden widths for mlp, e.g. 200,200 (sets arch_config's hidden)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="data-parallel processes on this machine (runs this command under torchrun)")
+                       formatter_class=DefaultsHelpFormatter)
+    add_train_options(p)
     p.set_defaults(func=cmd_train)
 
 
-def add_model_parsers(sub) -> None:
-    p = sub.add_parser("eval", help="test-set ELBO and importance-sampled log-likelihood of a checkpoint")
-    p.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")
+def add_train_options(p, defaults: bool = True) -> None:
+    from .config import TrainConfig
+
+    unset = {} if defaults else {"default": argparse.SUPPRESS}
+    add_config_options(p, TrainConfig, defaults)
+    p.add_argument("--hidden", type=_int_list, **({"default": None} | unset),
+                   help="hidden widths for mlp, e.g. 200,200 (sets arch_config's hidden)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint", **unset)
+    p.add_argument("--nproc", type=int, **({"default": 1} | unset),
+                   help="data-parallel processes on this machine (runs this command under torchrun)")
+
+
+MODEL_HELP = "run folder, checkpoint file, or folder written by `fastvae export`"
+
+
+def _model_parser(sub, name: str, help: str):
+    p = sub.add_parser(name, help=help, formatter_class=DefaultsHelpFormatter)
+    p.add_argument("model", type=Path, help=MODEL_HELP)
+    return p
+
+
+def _data_options(p) -> None:
+    from .data import SPLITS
+
     p.add_argument("--data", default=None, help="data source (default: the one the model was trained on)")
-    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which split of the data")
+
+
+def add_model_parsers(sub) -> None:
+    p = _model_parser(sub, "eval", "test-set ELBO and importance-sampled log-likelihood of a model")
+    _data_options(p)
     p.add_argument("--is-samples", type=int, default=0, help="importance samples for log p(x) (5000 for papers)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="examples per batch")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the binarization")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sample", help="PNG grid of samples from the prior")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--num", type=int, default=64)
+    p = _model_parser(sub, "sample", "PNG grid of samples from the prior")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--condition", default=None, help="class index (e.g. 7) or comma-separated attribute vector")
     p.add_argument("--per-class", type=int, default=0, metavar="N",
                    help="conditional models: N samples of every class, one row per class")
-    p.add_argument("--out", type=Path, default=Path("samples.png"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("reconstruct", help="PNG of test inputs beside their reconstructions")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--data", default=None)
-    p.add_argument("--split", choices=["train", "test"], default="test")
-    p.add_argument("--num", type=int, default=32)
-    p.add_argument("--out", type=Path, default=Path("reconstructions.png"))
+    p = _model_parser(sub, "reconstruct", "PNG of test inputs beside their reconstructions")
+    _data_options(p)
+    p.add_argument("--num", type=int, default=32, help="number of inputs")
+    p.add_argument("--out", type=Path, default=Path("reconstructions.png"), help="PNG to write")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = _model_parser(sub, "interpolate", "PNG grid: one row per pair of images, decoded along the line "
+                                          "between their latent codes")
+    _data_options(p)
+    p.add_argument("--pairs", type=int, default=8, help="pairs of images (rows), drawn at random from the data")
+    p.add_argument("--steps", type=int, default=10, help="images per row, both ends included")
+    p.add_argument("--out", type=Path, default=Path("interpolations.png"), help="PNG to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of pairs")
+    p.set_defaults(func=cmd_interpolate)
+
+    p = _model_parser(sub, "traverse", "PNG grid: one row per latent dimension, swept around one image's code")
+    _data_options(p)
+    p.add_argument("--index", type=int, default=0, help="which image of the data to start from")
+    p.add_argument("--dims", type=_int_list, default=None, help="latent dimensions to sweep, e.g. 0,3,5 "
+                                                                "(default: all, up to 16)")
+    p.add_argument("--steps", type=int, default=9, help="images per row")
+    p.add_argument("--span", type=float, default=3.0, help="sweep mu-span .. mu+span (prior standard deviations)")
+    p.add_argument("--out", type=Path, default=Path("traversal.png"), help="PNG to write")
+    p.set_defaults(func=cmd_traverse)
+
+    p = _model_parser(sub, "export", "write model.safetensors and config.json to share a model (no pickle)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("list", help="registered encoder/decoder architectures, plugins included")
     p.set_defaults(func=cmd_list)
@@ -269,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="version, active backend and build configuration")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch on this machine (< 1 minute)")
-    bench.add_argument("--seconds", type=float, default=1.5, help="time budget per case (default 1.5)")
+    bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch on this machine (< 1 minute)",
+                           formatter_class=DefaultsHelpFormatter)
+    bench.add_argument("--seconds", type=float, default=1.5, help="time budget per case")
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -284,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fastvae list | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
-    except (ValueError, TypeError, LookupError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError) as exc:
         print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

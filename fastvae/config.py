@@ -60,6 +60,8 @@ class TrainConfig:
                             choices=PRECISIONS)
     max_minutes: float | None = option(None, "stop after the epoch that crosses this time budget", parse=float)
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    tensorboard: bool = option(False, "also log scalars and pictures to OUT/tensorboard (needs the tensorboard "
+                                      "package: pip install 'fastvae[tensorboard]')")
 
     def validate(self) -> None:
         checks = [

@@ -347,8 +347,12 @@ def _read_images(files: list[Path]) -> np.ndarray:
 
     arrays = []
     for path in files:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB")))
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"{path}: not a readable image ({type(exc).__name__}); "
+                             "replace or remove this file from the image folder") from None
         if arrays[-1].shape != arrays[0].shape:
             raise ValueError(
                 f"images of mixed sizes: {files[0]} is {_size(arrays[0])} but {path} is {_size(arrays[-1])}; "

@@ -9,6 +9,7 @@ same global batch to float rounding. gloo on CPU, nccl on GPU.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -71,6 +72,25 @@ def shutdown(wait_for_peers: bool = True) -> None:
     if wait_for_peers:
         dist.barrier()
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device="cpu"):
+    """Own the process group for one `with` block: join it on entry, leave it on exit; yields the World.
+
+    A single process (no torchrun) joins nothing and leaves nothing. Everything that holds the
+    DDP model (the Trainer) must be gone when the block ends, so create it in a function called
+    inside the block rather than in the block itself: gloo's work objects must be freed before
+    the group is destroyed (see shutdown). On an exception the group is left without the
+    barrier, since a failed peer may never arrive there.
+    """
+    world = init_from_environment(torch.device(device))
+    try:
+        yield world
+    except BaseException:
+        shutdown(wait_for_peers=False)
+        raise
+    shutdown()
 
 
 def launch(nproc: int, argv: list[str]) -> int:

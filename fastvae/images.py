@@ -93,25 +93,50 @@ def _grid_array(images: torch.Tensor, nrow: int | None, padding: int, scale: int
 
 # ---------------------------------------------------------------------------- metrics
 
+THROUGHPUT_COLUMNS = ("seconds", "examples_per_second")  # timing, not training: never on the loss axes
+SPLIT_COLOURS = {"train": (31, 119, 180), "val": (255, 127, 14)}  # one colour per split in every panel
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+PANEL_TITLES = {"elbo": "ELBO (nats per example)", "rec": "reconstruction log p(x|z)", "kl": "KL(q(z|x) || p(z))"}
 
-def plot_metrics(csv_path, png_path, *, columns=None) -> Path:
+
+def plot_metrics(csv_path, png_path, *, columns=None, renderer: str | None = None) -> Path:
     """Plot loss curves from a metrics CSV and return the PNG path.
 
-    Every numeric column except epoch/step (or just ``columns``) is drawn against
-    epoch (else step, else row number); empty cells are skipped, so rows logging
-    different metrics can share one file. matplotlib is used when importable, else a
-    plain Pillow drawing, so a picture is always produced.
+    Each term gets its own panel (axes): train_elbo and val_elbo share the "elbo" panel, *_rec the
+    "rec" panel, *_kl the "kl" panel; any other column gets a panel of its own. Timing columns
+    (seconds, examples_per_second) are left out unless named in ``columns``. Each panel's y range is
+    its own data's, so every curve spans its panel's height. Drawn against epoch (else step, else
+    row number); empty cells are skipped. renderer: "matplotlib", "pillow", or None for matplotlib
+    when importable, else Pillow, so a picture is always produced.
     """
     x_name, x, series = _read_metrics(Path(csv_path), columns)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        _plot_with_pillow(x_name, x, series, png_path)
-    else:
-        _plot_with_matplotlib(x_name, x, series, png_path)
+    if renderer is None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            renderer = "pillow"
+        else:
+            renderer = "matplotlib"
+    if renderer not in ("matplotlib", "pillow"):
+        raise ValueError(f"renderer must be 'matplotlib' or 'pillow', got {renderer!r}")
+    draw = _plot_with_matplotlib if renderer == "matplotlib" else _plot_with_pillow
+    draw(x_name, x, metric_panels(series), png_path)
     return png_path
+
+
+def metric_panels(series: dict) -> list[tuple[str, dict[str, list[float]]]]:
+    """Group columns into panels: [(title, {legend label: values})], ELBO first, then rec, then kl."""
+    panels: dict[str, dict[str, list[float]]] = {}
+    for column, values in series.items():
+        split, _, term = column.partition("_")
+        if split in SPLIT_COLOURS and term:
+            panels.setdefault(term, {})[split] = values
+        else:
+            panels.setdefault(column, {})[column] = values
+    order = [t for t in PANEL_TITLES if t in panels] + [t for t in panels if t not in PANEL_TITLES]
+    return [(PANEL_TITLES.get(term, term), panels[term]) for term in order]
 
 
 def _read_metrics(csv_path: Path, columns) -> tuple[str, list[float], dict[str, list[float]]]:
@@ -127,12 +152,14 @@ def _read_metrics(csv_path: Path, columns) -> tuple[str, list[float], dict[str, 
     x_name = next((name for name in X_COLUMNS if name in parsed), "row")
     x = parsed.get(x_name, [float(i) for i in range(len(rows))])
     if columns is None:
-        columns = [n for n in header if n not in X_COLUMNS and any(not math.isnan(v) for v in parsed[n])]
+        columns = [n for n in header if n not in X_COLUMNS and n not in THROUGHPUT_COLUMNS
+                   and any(not math.isnan(v) for v in parsed[n])]
     missing = [name for name in columns if name not in parsed]
     if missing:
         raise ValueError(f"{csv_path}: no column(s) {missing}; available: {header}")
     if not columns:
-        raise ValueError(f"{csv_path}: no numeric columns to plot besides {list(X_COLUMNS)}; header: {header}")
+        raise ValueError(f"{csv_path}: no numeric columns to plot besides {list(X_COLUMNS + THROUGHPUT_COLUMNS)}; "
+                         f"header: {header}")
     return x_name, x, {name: parsed[name] for name in columns}
 
 
@@ -147,56 +174,75 @@ def _points(x: list[float], y: list[float]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
 
 
-def _plot_with_matplotlib(x_name: str, x, series: dict, png_path: Path) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+def _colour(label: str, index: int) -> tuple[int, int, int]:
+    return SPLIT_COLOURS.get(label, _COLOURS[index % len(_COLOURS)])
 
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    ax = fig.subplots()
-    for name, y in series.items():
-        points = _points(x, y)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None, label=name)
-    ax.set_xlabel(x_name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+def _plot_with_matplotlib(x_name: str, x, panels: list, png_path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(4 * len(panels), 4), dpi=100)
+    for ax, (title, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for i, (label, y) in enumerate(lines.items()):
+            points = _points(x, y)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None,
+                    label=label, color=tuple(c / 255 for c in _colour(label, i)))
+        ax.set_title(title)
+        ax.set_xlabel(x_name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
+        ax.margins(x=0.02, y=0.05)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, format="png")
 
 
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def _plot_with_pillow(x_name: str, x, series: dict, png_path: Path, size=(700, 450), margin=60) -> None:
-    """A bare line chart: frame, axis ranges as text, one coloured line per series."""
-    image = Image.new("RGB", size, "white")
+def _plot_with_pillow(x_name: str, x, panels: list, png_path: Path, panel_size=(360, 360)) -> None:
+    """Panels side by side, each a bare line chart: frame, title and legend above it, ranges as text."""
+    width, height = panel_size
+    image = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(image)
-    all_points = [p for y in series.values() for p in _points(x, y)]
-    if not all_points:
-        all_points = [(0.0, 0.0)]
+    for index, (title, lines) in enumerate(panels):
+        _draw_panel(draw, (index * width, 0, (index + 1) * width, height), x_name, x, title, lines)
+    image.save(png_path, format="PNG")
+
+
+def _draw_panel(draw, box, x_name: str, x, title: str, lines: dict) -> None:
+    left, top, right, bottom = box[0] + 60, box[1] + 40, box[2] - 15, box[3] - 40
+    all_points = [p for y in lines.values() for p in _points(x, y)] or [(0.0, 0.0)]
     x0, x1 = min(p[0] for p in all_points), max(p[0] for p in all_points)
     y0, y1 = min(p[1] for p in all_points), max(p[1] for p in all_points)
-    left, top, right, bottom = margin, 20, size[0] - 20, size[1] - margin
+    pad = 0.04 * (y1 - y0)  # the data fill 92% of the frame's height
 
     def to_pixel(point):
         px = left + (point[0] - x0) / ((x1 - x0) or 1.0) * (right - left)
-        py = bottom - (point[1] - y0) / ((y1 - y0) or 1.0) * (bottom - top)
+        py = bottom - (point[1] - y0 + pad) / ((y1 - y0 + 2 * pad) or 1.0) * (bottom - top)
         return (px, py)
 
     draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, box[1] + 6), title, fill="black")
+    legend_x = left
+    for i, label in enumerate(lines):
+        draw.line([(legend_x, box[1] + 27), (legend_x + 16, box[1] + 27)], fill=_colour(label, i), width=2)
+        draw.text((legend_x + 20, box[1] + 21), label, fill="black")
+        legend_x += 30 + 7 * len(label)
     draw.text((left, bottom + 5), f"{x0:g}", fill="black")
-    draw.text((right - 40, bottom + 5), f"{x1:g}", fill="black")
-    draw.text(((left + right) // 2, bottom + 20), x_name, fill="black")
-    draw.text((5, bottom - 10), f"{y0:.4g}", fill="black")
-    draw.text((5, top), f"{y1:.4g}", fill="black")
-    for i, (name, y) in enumerate(series.items()):
-        colour = _COLOURS[i % len(_COLOURS)]
+    draw.text((right - 30, bottom + 5), f"{x1:g}", fill="black")
+    draw.text(((left + right) // 2 - 12, bottom + 20), x_name, fill="black")
+    draw.text((box[0] + 4, to_pixel((x0, y0))[1] - 5), f"{y0:.4g}", fill="black")
+    draw.text((box[0] + 4, to_pixel((x0, y1))[1] - 5), f"{y1:.4g}", fill="black")
+    for i, (label, y) in enumerate(lines.items()):
         pixels = [to_pixel(p) for p in _points(x, y)]
         if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2)
+            draw.line(pixels, fill=_colour(label, i), width=2)
         elif pixels:
             px, py = pixels[0]
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((left + 10, top + 5 + 14 * i), name, fill=colour)
-    image.save(png_path, format="PNG")
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=_colour(label, i))
+
+
+# ---------------------------------------------------------------------------- a model's pictures
 
 
 def image_scale(shape) -> int:
@@ -204,8 +250,32 @@ def image_scale(shape) -> int:
     return max(1, 64 // max(shape[-1], 1))
 
 
+def save_interpolation_grid(model, images: torch.Tensor, path, *, steps: int = 10, labels=None) -> Path:
+    """One row per pair (images[0], images[1]), (images[2], images[3]), ...: the decoded straight
+    line between their posterior means, from the first image's reconstruction to the second's.
+    labels (conditional models): each row is decoded with its first image's class."""
+    if len(images) < 2:
+        raise ValueError(f"interpolation needs at least 2 images, got {len(images)}")
+    rows = []
+    for i in range(0, len(images) - 1, 2):
+        condition = one_hot(labels[i], model.condition_dim) if model.condition_dim else None
+        rows.append(model.interpolate(images[i], images[i + 1], steps, condition))
+    return save_image_grid(torch.cat(rows), path, nrow=steps, scale=image_scale(model.input_shape))
+
+
+def save_traversal_grid(model, image: torch.Tensor, path, *, steps: int = 9, span: float = 3.0,
+                        dims=None, label=None) -> Path:
+    """One row per latent dimension: that dimension swept over mu +- span (prior standard deviations)
+    with the others held at the image's posterior mean. dims: which dimensions (default all, up to 16)."""
+    dims = list(range(min(model.latent_dim, 16))) if dims is None else list(dims)
+    condition = one_hot(torch.as_tensor(label), model.condition_dim) if model.condition_dim else None
+    grid = model.traverse(image, dims, steps=steps, span=span, condition=condition)
+    return save_image_grid(grid.flatten(0, 1), path, nrow=steps, scale=image_scale(model.input_shape))
+
+
 def write_pictures(model, dataset, out_dir: Path, num_samples: int = 64, seed: int = 0) -> dict:
-    """samples.png (one row per class for a conditional model), reconstructions.png, loss.png."""
+    """samples.png (one row per class for a conditional model), reconstructions.png, interpolations.png,
+    traversal.png and loss.png; returns {name: path}."""
     out_dir = Path(out_dir)
     generator = torch.Generator().manual_seed(seed)
     scale = image_scale(model.input_shape)
@@ -223,6 +293,12 @@ def write_pictures(model, dataset, out_dir: Path, num_samples: int = 64, seed: i
     written["reconstructions"] = save_reconstruction_grid(
         x, model.reconstruct(x, condition), out_dir / "reconstructions.png", scale=scale
     )
+    labels = dataset.labels[:16] if dataset.labels is not None else None
+    if len(dataset) >= 2:
+        written["interpolations"] = save_interpolation_grid(model, dataset.images[:16], out_dir / "interpolations.png",
+                                                            labels=labels)
+    written["traversal"] = save_traversal_grid(model, dataset.images[0], out_dir / "traversal.png",
+                                               label=None if labels is None else labels[0])
     metrics = out_dir / METRICS_NAME
     if metrics.exists():
         written["loss"] = plot_metrics(metrics, out_dir / "loss.png")

@@ -4,7 +4,7 @@ Every loss term is per example, summed over data and latent dimensions, in nats:
     rec[l, b]   = log p(x_b | z_lb)        (fused likelihood op)
     kl[b]       = KL(q(z|x_b) || N(0, I))  (analytic, fused latent op)
     log_q, log_p[l, b]                     (fused latent op)
-Objectives (seed "Training"; DESIGN.md section 1):
+Objectives (docs/DESIGN.md section 1):
     "analytic"    SGVB-B, the default:  elbo = mean_l rec - beta*kl
     "monte_carlo" SGVB-A:               elbo = mean_l (rec + beta*(log_p - log_q))
     "iwae"        Burda et al. 2016:    logsumexp_l (rec + log_p - log_q) - log L
@@ -107,6 +107,19 @@ class VAE(nn.Module):
         if config.get("encoder") is None or config.get("decoder") is None:
             raise ValueError("this model was built from custom modules, not registry names; rebuild it yourself")
         return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, folder) -> VAE:
+        """The model of a folder written by save_pretrained / `fastvae export` (safetensors, no pickle)."""
+        from .export import load_pretrained
+
+        return load_pretrained(folder)[0]
+
+    def save_pretrained(self, folder) -> None:
+        """Write model.safetensors and config.json into `folder` (see fastvae.export)."""
+        from .export import save_pretrained
+
+        save_pretrained(self, folder)
 
     # ------------------------------------------------------------------
     def _check_input(self, x: Tensor, condition: Tensor | None) -> None:
@@ -219,6 +232,25 @@ class VAE(nn.Module):
         z = (1 - weights) * mu[0] + weights * mu[1]
         cond_steps = None if condition is None else condition.expand(steps, -1)
         return self.mean_image(self.decode(z, cond_steps))
+
+    @torch.no_grad()
+    def traverse(self, x: Tensor, dims, steps: int = 9, span: float = 3.0, condition: Tensor | None = None) -> Tensor:
+        """E[x|z] with one latent dimension at a time swept over mu_d - span .. mu_d + span around the
+        posterior mean mu of the single example x, the others held at mu: (len(dims), steps, *input_shape)."""
+        if steps < 2:
+            raise ValueError(f"steps must be >= 2, got {steps}")
+        dims = [int(d) for d in dims]
+        bad = [d for d in dims if not 0 <= d < self.latent_dim]
+        if bad or not dims:
+            raise ValueError(f"dims must be latent dimensions in 0..{self.latent_dim - 1}, got {dims}")
+        cond = None if condition is None else condition.reshape(1, -1)
+        self._check_input(x.unsqueeze(0), cond)
+        mu, _ = self.encode(x.unsqueeze(0), cond)
+        offsets = torch.linspace(-span, span, steps, dtype=mu.dtype, device=mu.device)
+        z = mu.expand(len(dims), steps, self.latent_dim).clone()
+        for row, d in enumerate(dims):
+            z[row, :, d] += offsets
+        return self.mean_image(self.decode(z, None if cond is None else cond.expand(len(dims), steps, -1)))
 
 
 def bound(objective: str, rec: Tensor, kl: Tensor, log_q: Tensor, log_p: Tensor, beta: float = 1.0) -> Tensor:

@@ -42,13 +42,32 @@ def _load_extension() -> str:
     except ImportError as exc:
         warnings.warn(
             f"fastvae: the C++ extension fastvae._C is not available ({exc}); using the pure-PyTorch "
-            "reference ops, which give the same numbers more slowly. Build it with "
-            "`pip install --no-build-isolation .` (see README).",
+            f"reference ops, which give the same numbers more slowly. {build_hint()}",
             RuntimeWarning,
             stacklevel=3,
         )
         return "reference"
     return "cpp"
+
+
+def source_tree() -> str | None:
+    """The repository fastvae is imported from, when it is imported from its sources (not an install)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return root
+    return None
+
+
+def build_hint() -> str:
+    """What to run to get the compiled extension, for the fastvae this process imported."""
+    import sys
+
+    root = source_tree()
+    if root is not None:  # a checkout shadows the installed package: build it in place
+        return (f"This fastvae is the source tree at {root}, which is not built: run "
+                f"`cd {root} && {sys.executable} setup.py build_ext --inplace` "
+                "(or run from outside the repository to use the installed fastvae).")
+    return "Build it with `pip install --no-build-isolation .` (see README)."
 
 
 _BACKEND = _load_extension()
@@ -204,7 +223,7 @@ else:
 
 
 # ---------------------------------------------------------------------------
-# Randomness: (seed, offset) drawn from torch's generators (DESIGN.md section 2).
+# Randomness: (seed, offset) drawn from torch's generators (docs/DESIGN.md section 2).
 # ---------------------------------------------------------------------------
 # A CPU seed is what `torch.empty((), dtype=torch.int64).random_(generator=generator)` gives;
 # the extension's draw_cpu_seed returns the same value from the same generator state without

@@ -1,6 +1,6 @@
 """Pure-PyTorch versions of every fused op.
 
-They define what the C++/CUDA kernels must compute (DESIGN.md section 1) and
+They define what the C++/CUDA kernels must compute (docs/DESIGN.md section 1) and
 are used three ways: as the oracle in tests, as the "eager" provider in the
 benchmarks, and as the fallback backend when the extension is not built.
 Autograd differentiates them directly, so their gradients are independent of

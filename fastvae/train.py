@@ -1,4 +1,4 @@
-"""Training: the minibatch SGVB loop of the seed's "Summary", on the fused ops.
+"""Training: the minibatch SGVB loop (docs/DESIGN.md section 4), on the fused ops.
 
 For each minibatch of M examples: draw M x L noise values (inside the latent op),
 compute the estimator's gradient, and take an optimizer step. Around that loop:
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from . import distributed
+from .callbacks import Callback, TensorBoardLogger
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import OPTIMIZERS, TrainConfig
 from .evaluate import evaluate
@@ -32,26 +34,46 @@ class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN or infinite; the message says which and where."""
 
 
+def make_output_folder(path) -> Path:
+    """Create the run's folder, or say in one line why --out cannot be one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is an existing file, not a folder; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, no permission, read-only file system
+        raise ValueError(f"--out {path}: cannot create this folder ({exc.strerror or exc}); choose another --out") \
+            from None
+    return path
+
+
 # ----------------------------------------------------------------------
 class Trainer:
     """Runs the SGVB loop for one model on in-memory data."""
 
-    def __init__(self, config: TrainConfig, train_set, val_set=None, model: VAE | None = None):
+    def __init__(self, config: TrainConfig, train_set, val_set=None, model: VAE | None = None,
+                 callbacks: Sequence[Callback] = ()):
         config.validate()
         self.config = config
         self.train_set = train_set
         self.val_set = val_set
-        self.out_dir = Path(config.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = make_output_folder(config.out_dir)
         self.device = torch.device(config.device)
-        torch.manual_seed(config.seed)  # initial weights
+        self.callbacks = list(callbacks)
         condition_dim = train_set.num_classes if config.conditional else 0
         if config.conditional and not condition_dim:
             raise ValueError(f"--conditional needs a labelled data set; {train_set.name} has no labels")
-        self.model = (model or VAE(
-            train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,
-            encoder_config=config.arch_config, decoder_config=config.arch_config, condition_dim=condition_dim,
-        )).to(self.device)
+        if model is None:
+            # The initial weights come from the seed on a forked generator: the caller's global
+            # RNG state is left as it was, and the same seed still gives the same weights.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = VAE(
+                    train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,
+                    encoder_config=config.arch_config, decoder_config=config.arch_config,
+                    condition_dim=condition_dim,
+                )
+        self.model = model.to(self.device)
         self.world = distributed.init_from_environment(self.device)
         # Training steps go through DDP when torchrun started several processes;
         # validation, pictures and checkpoints use the plain module on rank 0.
@@ -229,6 +251,20 @@ class Trainer:
                                generator=generator)
         return {"val_elbo": results["elbo"], "val_rec": results["rec"], "val_kl": results["kl"]}
 
+    def _notify(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(*args)
+
+    def write_pictures(self, dataset) -> dict:
+        """The run's pictures (rank 0), each announced to the callbacks; returns {name: path}."""
+        written = write_pictures(self.model, dataset, self.out_dir, seed=self.config.seed)
+        for name, path in written.items():
+            self._notify("on_picture_written", name, path)
+        return written
+
+    def close_callbacks(self) -> None:
+        self._notify("close")
+
     def fit(self, resume: bool = False) -> list[dict]:
         if resume:
             self.resume()
@@ -241,7 +277,10 @@ class Trainer:
             row = {"epoch": epoch, **self.train_epoch(epoch)}
             train_seconds = time.perf_counter() - tick
             if self.world.is_main:
-                row.update(self.validate(epoch))
+                val_metrics = self.validate(epoch)
+                row.update(val_metrics)
+                if val_metrics:
+                    self._notify("on_validation", epoch, val_metrics)
             row["seconds"] = round(train_seconds, 3)
             row["examples_per_second"] = round(len(self.train_set) / max(train_seconds, 1e-9), 1)
             self._check_gradients(f"epoch {epoch}, step {self.step}")  # never checkpoint a bad update
@@ -249,6 +288,7 @@ class Trainer:
             if self.world.is_main:  # one writer: checkpoint and metrics exist once
                 save_checkpoint(self.checkpoint_path, self.state())
                 append_metrics(self.metrics_path, row)
+                self._notify("on_epoch_end", row)
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             self.world.barrier()
             history.append(row)
@@ -274,22 +314,36 @@ def split_validation(dataset, fraction: float):
     return part(slice(0, cut)), part(slice(cut, None))
 
 
-def train(config: TrainConfig, resume: bool = False) -> tuple[Trainer, list[dict]]:
+# What a resumed run takes from the new configuration; everything else comes from its checkpoint.
+RESUMABLE_FIELDS = ("epochs", "out_dir", "max_minutes", "tensorboard")
+
+
+def resumed_config(config: TrainConfig) -> TrainConfig:
+    """The configuration of the run in config.out_dir, with only RESUMABLE_FIELDS taken from `config`."""
+    saved = load_checkpoint(Path(config.out_dir) / CHECKPOINT_NAME)["train_config"]
+    return TrainConfig.from_dict({**saved, **{name: getattr(config, name) for name in RESUMABLE_FIELDS}})
+
+
+def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> tuple[Trainer, list[dict]]:
     """Load the data, train (or resume), and write the pictures next to the checkpoint.
 
-    Resuming takes the run's configuration from its checkpoint; only `epochs` (to extend
-    a run) and `max_minutes` come from `config`.
+    Resuming takes the run's configuration from its checkpoint; only RESUMABLE_FIELDS (`epochs`
+    to extend a run, `max_minutes`, `tensorboard`) come from `config`. `config.tensorboard` adds a
+    TensorBoardLogger writing to <out_dir>/tensorboard to `callbacks`.
     """
     if resume:
-        saved = load_checkpoint(Path(config.out_dir) / CHECKPOINT_NAME)["train_config"]
-        config = TrainConfig.from_dict({**saved, "epochs": config.epochs, "out_dir": config.out_dir,
-                                        "max_minutes": config.max_minutes})
+        config = resumed_config(config)
     config.validate()
     full = data_lib.load_dataset(config.data, "train")
     train_set, val_set = split_validation(full, config.val_fraction)
-    trainer = Trainer(config, train_set, val_set)
-    history = trainer.fit(resume=resume)
-    trainer.model.eval()
-    if trainer.world.is_main:
-        write_pictures(trainer.model, val_set or train_set, trainer.out_dir, seed=config.seed)
+    trainer = Trainer(config, train_set, val_set, callbacks=callbacks)
+    if config.tensorboard and trainer.world.is_main:
+        trainer.callbacks.append(TensorBoardLogger(trainer.out_dir / "tensorboard"))
+    try:
+        history = trainer.fit(resume=resume)
+        trainer.model.eval()
+        if trainer.world.is_main:
+            trainer.write_pictures(val_set or train_set)
+    finally:
+        trainer.close_callbacks()
     return trainer, history

@@ -1,5 +1,6 @@
 """Backend selection: the compiled extension, or the pure-PyTorch fallback with one warning."""
 
+import os
 import subprocess
 import sys
 
@@ -24,7 +25,33 @@ def test_missing_extension_falls_back_with_one_clear_warning():
     result = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, check=True)
     backend, count, message = result.stdout.strip().split(" ", 2)
     assert backend == "reference" and count == "1"
-    assert "pip install --no-build-isolation" in message
+    if fastvae.ops.source_tree() is None:
+        assert "pip install --no-build-isolation" in message
+    else:  # imported from a checkout: the exact command that builds this checkout
+        assert f"cd {fastvae.ops.source_tree()} && {sys.executable} setup.py build_ext --inplace" in message
+
+
+REFUSAL_SCRIPT = """
+import sys
+sys.modules["fastvae._C"] = None
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[1], "-k", "test_backend_is_reported"]))
+"""
+
+
+@pytest.mark.parametrize("suite", ["tests", "benchmarks"])
+def test_suites_refuse_to_run_without_the_extension(suite, tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "FASTVAE_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", REFUSAL_SCRIPT, str(root / suite)], capture_output=True,
+                            text=True, cwd=root, env=env, timeout=600)
+    assert result.returncode == 4, result.stdout + result.stderr  # pytest's usage error
+    assert "C++ extension is not built" in result.stderr and "FASTVAE_BACKEND=reference" in result.stderr
+    on_purpose = subprocess.run([sys.executable, "-c", REFUSAL_SCRIPT, str(root / "tests")], capture_output=True,
+                                text=True, cwd=root, env={**env, "FASTVAE_BACKEND": "reference"}, timeout=600)
+    assert on_purpose.returncode == 0, on_purpose.stdout + on_purpose.stderr
 
 
 def test_backend_is_reported():

@@ -1,7 +1,7 @@
 """The fused ops on CUDA tensors: values, dtypes, gradients, registration, randomness, CUDA graphs.
 
 Everything but the first test needs a GPU and is skipped without one. The CUDA kernels
-(csrc/cuda/*.cu) must compute the contract of the CPU ones (DESIGN.md sections 1 and 2):
+(csrc/cuda/*.cu) must compute the contract of the CPU ones (docs/DESIGN.md sections 1 and 2):
 the same values to float rounding, the same dtypes, and the same in-kernel noise for the
 same (seed, offset).
 """

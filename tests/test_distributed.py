@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastvae.checkpoint import load_checkpoint
@@ -30,7 +31,8 @@ def test_two_processes_match_one_process(tmp_path):
     for x, y in zip(a, b):
         assert abs(x["train_elbo"] - y["train_elbo"]) < 1e-3
     leftovers = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert leftovers == ["checkpoint.pt", "loss.png", "metrics.csv", "reconstructions.png", "samples.png"]
+    assert leftovers == ["checkpoint.pt", "interpolations.png", "loss.png", "metrics.csv", "reconstructions.png",
+                         "samples.png", "traversal.png"]
 
 
 def test_resume_under_torchrun(tmp_path):
@@ -41,3 +43,21 @@ def test_resume_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(tmp_path / "run")["epoch"] == 3
     assert [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == [1, 2, 3]
+
+
+def test_process_group_owns_the_teardown(monkeypatch):
+    """The context manager leaves the group after its block: with a barrier normally, without one on an error."""
+    from fastvae import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "init_from_environment", lambda device: calls.append("join") or distributed.World())
+    monkeypatch.setattr(distributed, "shutdown", lambda wait_for_peers=True: calls.append(("leave", wait_for_peers)))
+    with distributed.process_group("cpu") as world:
+        calls.append("work")
+        assert world.is_main
+    assert calls == ["join", "work", ("leave", True)]
+    calls.clear()
+    with pytest.raises(KeyError):
+        with distributed.process_group("cpu"):
+            raise KeyError("a rank failed")
+    assert calls == ["join", ("leave", False)]

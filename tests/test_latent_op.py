@@ -124,7 +124,7 @@ def test_backward_saves_no_eps_or_std():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = fastvae.latent_terms(mu, logvar, 4, seed=0)
-    # Only z (an output the decoder keeps anyway), mu and logvar: DESIGN.md section 1.
+    # Only z (an output the decoder keeps anyway), mu and logvar: docs/DESIGN.md section 1.
     assert sorted(t.numel() for t in saved) == sorted([out.z.numel(), mu.numel(), logvar.numel()])
 
 

@@ -116,7 +116,7 @@ __attribute__((always_inline)) inline void latent_forward_rows(const LatentForwa
   }
 }
 
-// Adds sample l's contribution to row b's gradients (DESIGN.md section 1).
+// Adds sample l's contribution to row b's gradients (docs/DESIGN.md section 1).
 template <typename T, bool kHasGradZ, bool kPathLogQ>
 __attribute__((always_inline)) inline void latent_backward_sample(const LatentBackwardArgs<T>& a, int64_t l, int64_t b) {
   const int64_t D = a.dim, row = l * a.batch + b;
