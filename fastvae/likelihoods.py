@@ -203,7 +203,7 @@ def _continuous_bernoulli_reference(params, x, settings):
 
 def _discretized_logistic_reference(params, x, settings):
     (mean, log_scale), x = _flat(params, x)
-    return reference.discretized_logistic_log_prob(mean, x, log_scale)
+    return reference.discretized_logistic_log_prob(mean, x, _bounded(log_scale))
 
 
 def _bernoulli_log_prob(params, x, settings):
@@ -300,9 +300,29 @@ def _continuous_bernoulli_sample(params, settings, generator):
     return torch.where(eta > 0, 1 - y, y)
 
 
+# The decoder's second output r gives the logistic's log-scale as r + LOG_SCALE_SHIFT, bounded below.
+# The shift makes an untrained decoder (r near 0) start at a scale of 0.05, about 13 levels, near the
+# spread of real pixels: at scale 1 the likelihood is so flat in the mean that the decoder learns the
+# data's average colour and ignores z (tried: 8 bits per dimension after 360 steps, KL near 0).
+# The bound is PixelCNN++'s (-7 for data in [-1, 1], so -7 - log 2 for [0, 1]): a scale far below
+# one level (log 1/255 = -5.5) adds nothing for data on the levels, and early in training an
+# unbounded one can run off to -100 in a few steps, where the float32 log-likelihood overflows.
+LOG_SCALE_SHIFT = -3.0
+MIN_LOG_SCALE = -7.0 - math.log(2.0)
+
+
+def _bounded(raw_log_scale: Tensor) -> Tensor:
+    """The logistic's log-scale from the decoder's output."""
+    return (raw_log_scale + LOG_SCALE_SHIFT).clamp(min=MIN_LOG_SCALE)
+
+
 def _discretized_logistic_log_prob(params, x, settings):
-    mean, log_scale = params
-    return ops.discretized_logistic_log_likelihood(mean, log_scale, x, check_range=False)
+    mean, raw_log_scale = params
+    if mean.dtype in (torch.float16, torch.bfloat16):
+        # Shifted in half precision, a log-scale near -3 would be rounded to 0.002 (bfloat16: 0.016);
+        # the op computes in float32 for these inputs anyway.
+        mean, raw_log_scale = mean.float(), raw_log_scale.float()
+    return ops.discretized_logistic_log_likelihood(mean, _bounded(raw_log_scale), x, check_range=False)
 
 
 def _discretized_logistic_mean(params):
@@ -312,7 +332,7 @@ def _discretized_logistic_mean(params):
 def _discretized_logistic_sample(params, settings, generator):
     mean, log_scale = params
     u = torch.rand(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device).clamp(1e-6, 1 - 1e-6)
-    continuous = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
+    continuous = mean + torch.exp(_bounded(log_scale)) * (torch.log(u) - torch.log1p(-u))
     return (continuous * 255).round().clamp(0, 255) / 255
 
 
@@ -327,7 +347,7 @@ CONTINUOUS_BERNOULLI = register_likelihood(Likelihood(
 DISCRETIZED_LOGISTIC = register_likelihood(Likelihood(
     name="discretized_logistic",
     description="discretized logistic over the 256 levels of 8-bit images (Salimans et al. 2017); "
-                "pictures show its location",
+                "log-scale = log_scale - 3, bounded below by -7.7; pictures show its location",
     params=("mean", "log_scale"), data="8bit", bits_per_dim=True,
     log_prob=_discretized_logistic_log_prob, mean=_discretized_logistic_mean, sample=_discretized_logistic_sample,
     reference=_discretized_logistic_reference,
