@@ -32,19 +32,23 @@ class Callback:
         pass
 
 
+# metrics.csv columns that are neither a train_ nor a val_ term, and their TensorBoard group.
+OTHER_TAGS = {"seconds": "speed/seconds", "examples_per_second": "speed/examples_per_second", "lr": "train/lr"}
+
+
 def scalar_tag(column: str) -> str:
-    """metrics.csv column -> TensorBoard tag, grouped by split: train_elbo -> train/elbo."""
+    """metrics.csv column -> TensorBoard tag, grouped by split: train_elbo -> train/elbo, lr -> train/lr."""
     split, _, term = column.partition("_")
     if split in ("train", "val") and term:
         return f"{split}/{term}"
-    return f"speed/{column}"
+    return OTHER_TAGS.get(column, f"other/{column}")
 
 
 class TensorBoardLogger(Callback):
     """Scalars of every epoch and the run's pictures, as TensorBoard event files in `log_dir`.
 
-    Tags: train/elbo, train/rec, train/kl, val/elbo, val/rec, val/kl, speed/seconds,
-    speed/examples_per_second; pictures under pictures/<name> (pictures/samples, ...).
+    Tags: train/elbo, train/rec, train/kl, train/lr, val/elbo, val/rec, val/kl, speed/seconds,
+    speed/examples_per_second (and train/bpd, val/bpd for 8-bit image likelihoods); pictures under pictures/<name> (pictures/samples, ...).
     """
 
     def __init__(self, log_dir):

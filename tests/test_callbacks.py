@@ -74,7 +74,7 @@ def test_tensorboard_event_files_read_back(tmp_path):
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert set(tags["scalars"]) == {"train/elbo", "train/rec", "train/kl", "val/elbo", "val/rec", "val/kl",
+    assert set(tags["scalars"]) == {"train/elbo", "train/rec", "train/kl", "train/lr", "val/elbo", "val/rec", "val/kl",
                                     "speed/seconds", "speed/examples_per_second"}
     assert [e.step for e in events.Scalars("train/elbo")] == [1, 2]
     assert [e.step for e in events.Scalars("val/elbo")] == [1, 2]
