@@ -407,12 +407,17 @@ FASTVAE_FN T log_bernoulli_number_series(T a2) {
   return p;
 }
 
+// The divisions below divide by a value selected to be safe in the branch not
+// taken (never a quotient computed and then discarded): GCC keeps a division
+// used on one side of a select behind a branch, and then does not vectorize the
+// loop of the target_clones copies (csrc/cpu/cpu_loops.h).
+
 // log(a / (1 - e^-a)) for a >= 0 (0 at a = 0), given e = exp(-a).
 template <typename T>
 FASTVAE_FN T log_a_over_one_minus_exp(T a, T e) {
   const bool small = a < T(kSeriesCutoff);
   const T series = a * (T(0.5) - a * log_bernoulli_number_series(a * a));
-  const T direct = log_of(small ? T(1) : a / (T(1) - e));
+  const T direct = log_of(a / (small ? T(1) : T(1) - e));
   return small ? series : direct;
 }
 
@@ -428,9 +433,10 @@ FASTVAE_FN T log_one_minus_exp(T a, T e) {
 // a / (e^a - 1) for a >= 0 (1 at a = 0), given e = exp(-a).
 template <typename T>
 FASTVAE_FN T a_over_expm1(T a, T e) {
+  const bool small = a < T(kSeriesCutoff);
   const T series = T(1) - a * (T(0.5) - a * bernoulli_number_series(a * a));
-  const T direct = a * e / (T(1) - e);
-  return a < T(kSeriesCutoff) ? series : direct;
+  const T direct = a * e / (small ? T(1) : T(1) - e);
+  return small ? series : direct;
 }
 
 // ---------------------------------------------------------------------------
@@ -539,7 +545,7 @@ struct ContinuousBernoulliLikelihood {
     const bool small = a < T(kSeriesCutoff);
     // mean(a) and mean(-a) = 1 - mean(a), each in the form that keeps its digits.
     const T tail = a * bernoulli_number_series(a * a);
-    const T inv_one_minus_e = T(1) / (T(1) - e), inv_a = T(1) / a;
+    const T inv_one_minus_e = T(1) / (small ? T(1) : T(1) - e), inv_a = T(1) / (small ? T(1) : a);
     const T mean_pos = small ? T(0.5) + tail : inv_one_minus_e - inv_a;
     const T mean_neg = small ? T(0.5) - tail : inv_a - e * inv_one_minus_e;
     return {x - (logit < T(0) ? mean_neg : mean_pos), T(0), logit};

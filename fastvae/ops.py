@@ -5,8 +5,8 @@
     gaussian_kl(mu, logvar)                      -> kl
     bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
     gaussian_log_likelihood(mean, x, logvar=0.0) -> log p(x|z) per row
-    continuous_bernoulli_log_likelihood(logits, x)               -> log p(x|z) per row
-    discretized_logistic_log_likelihood(mean, log_scale, x)      -> log p(x|z) per row
+    continuous_bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
+    discretized_logistic_log_likelihood(mean, log_scale, x) -> log p(x|z) per row
     nats_to_bits_per_dim(nats, num_dims)         -> bits per dimension
     fused_head_log_likelihood(h, weight, bias, x, likelihood) -> log p(x|z) per row from the
                                                  decoder's last hidden layer (output layer fused in)
@@ -482,7 +482,8 @@ def _check_unit_interval(flat_x: Tensor, likelihood: str) -> None:
         low, high = torch.aminmax(flat_x.detach())
         if not (0.0 <= float(low) and float(high) <= 1.0):
             raise ValueError(
-                f"fastvae: x must lie in [0, 1] for a {likelihood} likelihood, got values in [{float(low)}, {float(high)}]"
+                f"fastvae: x must lie in [0, 1] for a {likelihood} likelihood, "
+                f"got values in [{float(low)}, {float(high)}]"
             )
 
 
