@@ -125,7 +125,7 @@ def test_bad_arguments(model, x):
         model(x, objective="elbo")
     with pytest.raises(ValueError, match="x must have shape"):
         model(torch.zeros(2, 64))
-    with pytest.raises(LookupError, match="unknown likelihood 'poisson'. Known likelihoods: bernoulli, gaussian"):
+    with pytest.raises(LookupError, match="unknown likelihood 'poisson'. Known likelihoods: bernoulli, continuous_bernoulli"):
         VAE((1, 8, 8), 3, likelihood="poisson")
     with pytest.raises(ValueError, match="latent_dim must be a positive int"):
         VAE((1, 8, 8), 0)
