@@ -410,7 +410,7 @@ FASTVAE_FN T log_bernoulli_number_series(T a2) {
 // The divisions below divide by a value selected to be safe in the branch not
 // taken (never a quotient computed and then discarded): GCC keeps a division
 // used on one side of a select behind a branch, and then does not vectorize the
-// loop of the target_clones copies (csrc/cpu/cpu_loops.h).
+// loop of the per-level copies (csrc/cpu/cpu_level.h).
 
 // log(a / (1 - e^-a)) for a >= 0 (0 at a = 0), given e = exp(-a).
 template <typename T>
