@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import fastvae  # noqa: E402
 from fastvae import data as data_lib  # noqa: E402
-from fastvae.bench import eager_bernoulli, eager_latent, fused_bernoulli  # noqa: E402
+from fastvae.bench import eager_bernoulli, eager_latent, fused_bernoulli, run_mode  # noqa: E402
 from fastvae.model import VAE  # noqa: E402
 
 FLOAT_BYTES = 4
@@ -95,23 +95,6 @@ def interleaved_medians(cases: dict, timer: Timer, sizes: Sizes) -> dict:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def op_step(fn, inputs, mode: str):
-    """fn(*inputs) without grad, or that plus the backward of every output."""
-    if mode == "forward":
-        def step():
-            with torch.no_grad():
-                fn(*inputs)
-        return step
-    outputs = fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grads = tuple(torch.ones_like(o) for o in outputs)
-
-    def step():
-        out = fn(*inputs)
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
-    return step
-
-
 # ---------------------------------------------------------------------------
 # Op benchmarks
 # ---------------------------------------------------------------------------
@@ -167,7 +150,7 @@ def bench_ops(device, timer: Timer, sizes: Sizes) -> list[dict]:
             mu = torch.randn(batch, dim, device=device, requires_grad=grad)
             logvar = (0.1 * torch.randn(batch, dim, device=device)).requires_grad_(grad)
             functions = provider_functions(eager_latent, fastvae.latent_terms, sizes)
-            cases = {name: op_step(fn, (mu, logvar), mode) for name, fn in functions.items()}
+            cases = {name: run_mode(fn, (mu, logvar), mode) for name, fn in functions.items()}
             rows.append(op_row(f"latent {mode}", f"B={batch} D={dim}", interleaved_medians(cases, timer, sizes),
                                latent_bytes(batch, dim, mode), device, timer, sizes))
     for name, eager, fused in (("bernoulli", eager_bernoulli, fused_bernoulli),
@@ -177,7 +160,7 @@ def bench_ops(device, timer: Timer, sizes: Sizes) -> list[dict]:
             for mode in ("forward", "forward+backward"):
                 params = torch.randn(batch, pixels, device=device, requires_grad=mode != "forward")
                 x = torch.bernoulli(torch.full((batch, pixels), 0.3, device=device))
-                cases = {p: op_step(fn, (params, x), mode) for p, fn in provider_functions(eager, fused, sizes).items()}
+                cases = {p: run_mode(fn, (params, x), mode) for p, fn in provider_functions(eager, fused, sizes).items()}
                 rows.append(op_row(f"{name} {mode}", f"B={batch} P={pixels}",
                                    interleaved_medians(cases, timer, sizes), likelihood_bytes(batch, pixels, mode),
                                    device, timer, sizes))
