@@ -1,16 +1,11 @@
 """Every CLI command end to end, in a subprocess, as a user runs it."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastvae", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd)
+from cli_helpers import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """Every picture a run writes, opened and checked for what its name promises."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,8 @@ from fastvae.config import TrainConfig
 from fastvae.images import (SPLIT_COLOURS, image_scale, metric_panels, plot_metrics, save_interpolation_grid,
                             save_traversal_grid)
 from fastvae.train import train
+
+from cli_helpers import run_cli
 
 PAD = 2  # the grids' padding in pixels
 
@@ -139,11 +139,6 @@ def test_samples_and_reconstructions_show_digits(run):
     x = run.val_set.images[:32]
     np.testing.assert_allclose(pairs[0, 0], x[0, 0].numpy(), atol=1 / 255 + 1e-6)
     np.testing.assert_allclose(pairs[0, 1], model.reconstruct(x[:1])[0, 0].numpy(), atol=1 / 255 + 1e-6)
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastvae", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd)
 
 
 def test_interpolate_and_traverse_commands(run, tmp_path):

@@ -1,8 +1,6 @@
 """Bad input a user runs into ends in one sentence naming the file or flag and what to do."""
 
 import errno
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,10 +12,7 @@ from fastvae.config import TrainConfig
 from fastvae.train import Trainer, split_validation
 from fastvae import data as data_lib
 
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastvae", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd)
+from cli_helpers import run_cli
 
 
 def one_line_error(result, *needles):
