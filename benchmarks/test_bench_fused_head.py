@@ -6,12 +6,12 @@ this times the same two steps with pytest-benchmark.
 
 import pytest
 
-from fused_head import batches, make_model, step_fn
+from fused_head import CONFIGS, batches, make_model, step_fn
 
 
-@pytest.mark.parametrize("provider", ["fused", "unfused"])
+@pytest.mark.parametrize("provider", list(CONFIGS))
 def test_iwae_training_step(benchmark, provider):
-    step = step_fn(make_model(provider == "fused"), batches())
+    step = step_fn(make_model(provider), batches())
     for _ in range(2):
         step()
     benchmark.group = "IWAE k=50 train step MLP 784-200-200-50 B=100"

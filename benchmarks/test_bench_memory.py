@@ -24,6 +24,6 @@ def test_fused_head_saves_only_its_inputs_for_the_iwae_step():
     element, hidden, pixels = 4, 200, 784
     inputs = (SAMPLES * BATCH * hidden + pixels * hidden + pixels + BATCH * pixels) * element  # h, W, b, x
     logits = SAMPLES * BATCH * pixels * element
-    assert head_bytes_saved(make_model(True), x) == inputs  # no (L, B, P) tensor
+    assert head_bytes_saved(make_model("fused"), x) == inputs  # no (L, B, P) tensor
     bias = pixels * element  # the unfused linear layer does not keep its bias, the likelihood op keeps the logits
-    assert head_bytes_saved(make_model(False), x) == inputs - bias + logits
+    assert head_bytes_saved(make_model("unfused"), x) == inputs - bias + logits

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from fastvae.registry import Decoder, Encoder, register_decoder, register_encoder
 
 from ._common import check_widths, make_activation, with_condition
+from ._recompute import run_stack
 
 
 def _mlp(in_features: int, hidden: tuple[int, ...], out_features: int, activation: str) -> nn.Sequential:
@@ -45,15 +46,20 @@ class MLPDecoder(Decoder):
 
     Takes the fused head (registry.Decoder): its last layer is linear. fused_head=False makes
     the VAE run the plain forward and the likelihood op instead (same numbers, more memory).
+    recompute_hidden (with two hidden layers or more): autograd keeps only z and the last
+    hidden layer; the backward recomputes the others (fastvae/architectures/_recompute.py).
+    Same numbers; for IWAE's k x B rows it saves (len(hidden) - 1) activations of (k*B, width).
     """
 
     def __init__(self, output_shape, latent_dim, condition_dim=0, likelihood="bernoulli", hidden=(500,),
-                 activation="tanh", fused_head=True):
+                 activation="tanh", fused_head=True, recompute_hidden=True):
         super().__init__(output_shape, latent_dim, condition_dim, likelihood)
         hidden = check_widths("hidden", hidden)
-        if not isinstance(fused_head, bool):
-            raise ValueError(f"fused_head must be True or False, got {fused_head!r}")
+        for name, value in (("fused_head", fused_head), ("recompute_hidden", recompute_hidden)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         self.fused_head = fused_head
+        self.recompute_hidden = recompute_hidden
         self.net = _mlp(latent_dim + condition_dim, hidden, self.params_per_element * self.output_numel, activation)
 
     @property
@@ -64,7 +70,7 @@ class MLPDecoder(Decoder):
     def hidden(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """The last hidden layer (N, H), the input of output_layer."""
         self.check_input(z, condition)
-        return self.net[:-1](with_condition(z, condition))
+        return run_stack(self.net[:-1], with_condition(z, condition), self.recompute_hidden)
 
     def forward(self, z: Tensor, condition: Tensor | None = None):
         return self.to_output(self.output_layer(self.hidden(z, condition)))
