@@ -87,6 +87,18 @@ inline void check_likelihood_inputs(const at::Tensor& params, const at::Tensor& 
               " or (num_samples, batch, num_pixels), got ", params.sizes());
 }
 
+// gather_bernoulli: probs (N, ...) float32 or float64, index (B,) int64 on the same device.
+inline void check_gather_bernoulli_inputs(const at::Tensor& probs, const at::Tensor& index) {
+  TORCH_CHECK(probs.scalar_type() == at::kFloat || probs.scalar_type() == at::kDouble,
+              "fastvae: probs must be float32 or float64, got ", probs.scalar_type());
+  TORCH_CHECK(probs.dim() >= 1, "fastvae: probs must have a row dimension, got a scalar");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1,
+              "fastvae: index must be a 1-D int64 tensor of row numbers, got ", index.scalar_type(), " of shape ",
+              index.sizes());
+  TORCH_CHECK(index.device() == probs.device(), "fastvae: index is on ", index.device(), " but probs is on ",
+              probs.device(), "; they must be on the same device");
+}
+
 // Output dtype of per-row sums: float32 for half inputs (they accumulate in
 // float32 and a half sum of hundreds of terms would lose the digits), else the input dtype.
 inline at::ScalarType sum_dtype(at::ScalarType t) {

@@ -212,6 +212,19 @@ FASTVAE_FN uint64_t noise_block(uint64_t sample, uint64_t block_in_sample) {
   return (sample << 32) + block_in_sample;
 }
 
+// Binarization (fastvae.ops.gather_bernoulli): pixel j of data-set row i becomes
+// 1 when u < p, with u the uniform of word j%4 of Philox block noise_block(i, j/4)
+// under (seed, kBernoulliStream). The draw depends on nothing but (seed, row index
+// in the data set, pixel), so it does not depend on how a batch was gathered, split
+// over processes or resumed. The stream's counter half is far from the latent
+// noise's offsets (0 on CPU, small multiples of 4 on CUDA).
+constexpr uint64_t kBernoulliStream = 0x62696E6172697A65ull;  // "binarize"
+
+// A uniform in [0, 1) from a Philox word: its top 24 bits, as torch.rand's float32.
+FASTVAE_FN float unit_uniform(uint32_t word) {
+  return static_cast<float>(static_cast<int32_t>(word >> 8)) * 5.9604644775390625e-08f;  // 2^-24
+}
+
 // The four standard normals of counter block `block` (elements 4*block .. 4*block+3).
 FASTVAE_FN void normal4(uint64_t seed, uint64_t offset, uint64_t block, float out[4]) {
   Philox4 r = philox4x32_10(block, offset, seed);

@@ -33,6 +33,12 @@ TORCH_LIBRARY(fastvae, m) {
       "latent_terms_backward(Tensor? grad_z, Tensor? grad_kl, Tensor? grad_log_q, Tensor? grad_log_p,"
       " Tensor z, Tensor mu, Tensor logvar, bool stl) -> (Tensor grad_mu, Tensor grad_logvar)");
 
+  // Rows `index` (B,) of probs (N, ...), each pixel replaced by a Bernoulli draw with the
+  // pixel as probability: 1 where u < p (csrc/fastvae.h, "Binarization": u from Philox
+  // keyed by (seed, row number in probs, pixel)), else 0. (B, ...), probs' dtype.
+  // Dynamic binarization of a minibatch in the pass that gathers it.
+  m.def("gather_bernoulli(Tensor probs, Tensor index, int seed) -> Tensor");
+
   // Per-row sums of log p(x|params): params (L,B,P) or (B,P), x (B,P). The
   // kernels of every likelihood come from its traits in csrc/fastvae.h.
   m.def("bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");

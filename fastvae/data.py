@@ -399,28 +399,6 @@ def binarize(
     raise ValueError(f"unknown binarize mode {mode!r}; expected one of {', '.join(BINARIZE_MODES)}")
 
 
-def binarize_(
-    images: torch.Tensor,
-    mode: str,
-    *,
-    threshold: float = 0.5,
-    generator: torch.Generator | None = None,
-    uniforms: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`binarize` in place, drawing into the caller's `uniforms` buffer (shaped like `images`);
-    the same values as `binarize` from the same generator state."""
-    if mode == "none":
-        return images
-    if mode == "threshold":
-        return torch.gt(images, threshold, out=images)
-    if mode == "dynamic":
-        if uniforms is None:
-            uniforms = torch.empty_like(images)
-        torch.rand(images.shape, generator=generator, out=uniforms)
-        return torch.lt(uniforms, images, out=images)
-    raise ValueError(f"unknown binarize mode {mode!r}; expected one of {', '.join(BINARIZE_MODES)}")
-
-
 def batches(
     dataset_images: torch.Tensor,
     labels: torch.Tensor | None,

@@ -192,6 +192,19 @@ def _check_head(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likel
         )
 
 
+def _check_gather_bernoulli(probs: Tensor, index: Tensor) -> None:
+    if not isinstance(probs, Tensor) or not isinstance(index, Tensor):
+        raise TypeError("fastvae: probs and index must be torch.Tensors")
+    _require(probs.dtype in (torch.float32, torch.float64),
+             f"fastvae: probs must be float32 or float64, got {probs.dtype}")
+    _require(probs.dim() >= 1, "fastvae: probs must have a row dimension, got a scalar")
+    _require(index.dtype == torch.int64 and index.dim() == 1,
+             f"fastvae: index must be a 1-D int64 tensor of row numbers, got {index.dtype} of shape "
+             f"{tuple(index.shape)}")
+    _require(index.device == probs.device,
+             f"fastvae: index is on {index.device} but probs is on {probs.device}; they must be on the same device")
+
+
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -244,7 +257,13 @@ if _BACKEND == "cpp":
 
         return grad_like(h, needs_grad_h), grad_like(weight, needs_grad_weight), grad_like(bias, needs_grad_bias)
 
+    @torch.library.register_fake("fastvae::gather_bernoulli")
+    def _gather_bernoulli_fake(probs, index, seed):
+        _check_gather_bernoulli(probs, index)
+        return probs.new_empty((index.shape[0], *probs.shape[1:]))
+
     _latent_op = torch.ops.fastvae.latent_terms.default
+    _gather_bernoulli_op = torch.ops.fastvae.gather_bernoulli.default
     _latent_from_generator_op = torch.ops.fastvae.latent_terms_from_generator.default
     _fused_head_op = torch.ops.fastvae.fused_head_log_prob.default
 else:
@@ -257,6 +276,15 @@ else:
         _check_tensor(mu, "mu")
         seed, offset = draw_seed(mu.device, generator)
         return _latent_op(mu, logvar, None, num_samples, seed, offset, row_offset, stl)
+
+    def _gather_bernoulli_op(probs, index, seed):
+        _check_gather_bernoulli(probs, index)
+        if index.numel():
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= probs.shape[0]:
+                raise IndexError(f"fastvae: index {low if low < 0 else high} is out of range for probs with "
+                                 f"{probs.shape[0]} rows")
+        return reference.gather_bernoulli(probs, index, seed)
 
     def _fused_head_op(h, weight, bias, x, likelihood, logvar_value=0.0, precompute_grads=False):
         _check_head(h, weight, bias, x, likelihood)
@@ -450,6 +478,26 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 # Reconstruction log-likelihoods.
 # ---------------------------------------------------------------------------
+def gather_bernoulli(
+    probs: Tensor, index: Tensor, *, generator: torch.Generator | None = None, seed: int | None = None
+) -> Tensor:
+    """Rows `index` of `probs`, every pixel replaced by a Bernoulli draw with the pixel as its probability.
+
+    Dynamic binarization (as in Burda et al.'s IWAE experiments) of a minibatch in the pass that
+    gathers it: out[b, j] = 1.0 where u < probs[index[b], j], else 0.0, with u uniform on [0, 1)
+    from fastvae's Philox stream, keyed by (seed, index[b], j). A row's draw therefore depends on
+    the seed and its row number in probs alone, not on which batch, order or process gathers it.
+    probs: (N, ...) float32 or float64 (intensities in [0, 1]); index: (B,) int64 on the same
+    device. Returns (B, ...) in probs' dtype. seed=None draws the seed from `generator` (a CPU
+    torch.Generator; None: torch's default CPU generator), so torch.manual_seed reproduces it.
+    """
+    if seed is None:
+        seed = draw_seed(torch.device("cpu"), generator)[0]
+    else:
+        _check_int(seed, "seed")
+    return _gather_bernoulli_op(probs, index, seed)
+
+
 def _flatten_pair(params: Tensor, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """(B, ...) / (L, B, ...) decoder output and (B, ...) data -> (B, P) / (L, B, P) and (B, P)."""
     _check_tensor(params, name)

@@ -78,6 +78,23 @@ def philox_normal(count: int, seed: int, offset: int = 0, first: int = 0, sample
     return torch.from_numpy(normals[start : start + count].astype(np.float32))
 
 
+BERNOULLI_STREAM = 0x62696E6172697A65  # csrc/fastvae.h, kBernoulliStream
+
+
+def gather_bernoulli(probs: Tensor, index: Tensor, seed: int) -> Tensor:
+    """ops.gather_bernoulli: pixel j of row i is 1 where the top 24 bits of word j%4 of Philox block
+    (i << 32) + j//4 under (seed, BERNOULLI_STREAM), times 2^-24, are below the pixel."""
+    rows = index.detach().cpu().numpy().astype(np.uint64)
+    pixels = math.prod(probs.shape[1:])
+    blocks = (pixels + 3) // 4
+    counters = (rows[:, None] << np.uint64(32)) + np.arange(blocks, dtype=np.uint64)[None, :]
+    words = np.stack(philox4x32_10(counters.ravel(), BERNOULLI_STREAM, seed), axis=-1)
+    words = words.reshape(len(rows), 4 * blocks)[:, :pixels]
+    uniforms = torch.from_numpy((words >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24))
+    p = probs[index].reshape(len(rows), pixels)
+    return (uniforms.to(p.device, p.dtype) < p).to(p.dtype).reshape(len(rows), *probs.shape[1:])
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half and bfloat16 accumulate in float32, like the kernels."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import distributed, likelihoods
+from . import distributed, likelihoods, ops
 from .callbacks import Callback, TensorBoardLogger
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import OPTIMIZERS, TrainConfig
@@ -116,7 +116,6 @@ class Trainer:
         self.noise = torch.Generator(device=self.device).manual_seed(config.seed)
         self.epoch = 0
         self.step = 0
-        self._batch_buffer = self._uniform_buffer = None  # CPU minibatch buffers, made on first use
 
     # -- state ----------------------------------------------------------
     @property
@@ -185,26 +184,21 @@ class Trainer:
     def _gather(self, chosen: torch.Tensor, generator):
         """The minibatch of training rows `chosen`, binarized, and its condition.
 
-        On CPU the rows are gathered straight into a buffer kept across steps and binarized in
-        place there: the batch is written once by the gather and once by the binarization.
+        Dynamic binarization draws in the pass that gathers the rows (ops.gather_bernoulli: one
+        seed per batch from the epoch generator, each row's draw keyed by its index in the
+        training set), so a replayed or resumed epoch, and every data-parallel process, sees
+        the same binary batch.
         """
         images, labels = self.train_set.images, self.train_set.labels
-        if self.device.type != "cpu":  # a fresh host tensor each step: nothing is overwritten while it is copied
-            x = data_lib.binarize(images[chosen], self.config.binarize_mode, generator=generator)
-            condition = None
-            if self.config.conditional:
-                condition = data_lib.one_hot(labels[chosen], self.train_set.num_classes).to(self.device)
-            return x.to(self.device), condition
-        if self._batch_buffer is None:
-            self._batch_buffer = images.new_empty((self.config.batch_size, *images.shape[1:]))
-            self._uniform_buffer = torch.empty_like(self._batch_buffer)
-        n = len(chosen)
-        x = torch.index_select(images, 0, chosen, out=self._batch_buffer[:n])
-        data_lib.binarize_(x, self.config.binarize_mode, generator=generator, uniforms=self._uniform_buffer[:n])
+        mode = self.config.binarize_mode
+        if mode == "dynamic":
+            x = ops.gather_bernoulli(images, chosen, generator=generator)
+        else:
+            x = data_lib.binarize(images[chosen], mode)
         condition = None
         if self.config.conditional:
-            condition = data_lib.one_hot(labels[chosen], self.train_set.num_classes)
-        return x, condition
+            condition = data_lib.one_hot(labels[chosen], self.train_set.num_classes).to(self.device)
+        return x.to(self.device), condition
 
     def _check_finite(self, loss, out, where: str) -> None:
         finite = bool(torch.isfinite(loss))

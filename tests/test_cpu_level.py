@@ -43,6 +43,8 @@ PROBE = textwrap.dedent(
     ll = fastvae.bernoulli_log_likelihood(logits, x)
     ll.backward(torch.randn_like(ll))
     out["bernoulli"] = [ll, logits.grad]
+    probs = torch.rand(40, 3, 13, 21)  # 819 pixels a row: two Philox spans, the second ending mid-block
+    out["binarize"] = [fastvae.ops.gather_bernoulli(probs, torch.tensor([39, 0, 5, 5]), seed=2**40 + 3), probs]
     torch.save(out, sys.argv[1])
     """
 )
@@ -96,6 +98,12 @@ def test_every_level_draws_the_reference_stream(results):
     expected = torch.stack([reference.philox_normal(n, 2**40 + 3, 5, sample=l)[row_offset * dim :] for l in range(3)])
     for level, out in results.items():
         torch.testing.assert_close(out["noise"][0], expected.view(3, batch, dim), rtol=1e-5, atol=1e-5, msg=level)
+
+
+def test_every_level_binarizes_exactly_as_the_reference(results):
+    for level, out in results.items():
+        got, probs = out["binarize"]
+        assert torch.equal(got, reference.gather_bernoulli(probs, torch.tensor([39, 0, 5, 5]), 2**40 + 3)), level
 
 
 def test_levels_agree_within_float_rounding(results):

@@ -161,18 +161,23 @@ def test_optimizers_use_fused_kernels_and_adamw_trains(tmp_path, digits):
     assert meta.defaults["foreach"] and not meta.defaults["fused"]
 
 
-def test_in_place_binarization_draws_what_binarize_draws():
-    x = torch.rand(7, 1, 4, 4)
-    for mode in ("dynamic", "threshold", "none"):
-        expected = data_lib.binarize(x, mode, generator=torch.Generator().manual_seed(3))
-        got = data_lib.binarize_(x.clone(), mode, generator=torch.Generator().manual_seed(3),
-                                 uniforms=torch.empty_like(x))
-        assert torch.equal(got, expected), mode
+def test_binarize_draws_bernoulli():
     # u < p is a Bernoulli(p) draw: the mean of many draws is p, 0 stays 0 and 1 stays 1.
     p = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]).expand(200_000, 5)
     draws = data_lib.binarize(p, "dynamic", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(draws.mean(0), p[0], atol=4e-3, rtol=0)
     assert draws[:, 0].max() == 0 and draws[:, 4].min() == 1
+
+
+def test_trainer_batches_are_binarized_in_the_gather_keyed_by_row(tmp_path, digits):
+    trainer = Trainer(small_config(tmp_path, epochs=1), *digits)
+    images = trainer.train_set.images
+    chosen = torch.tensor([5, 0, 7])
+    x, _ = trainer._gather(chosen, torch.Generator().manual_seed(4))
+    assert set(x.unique().tolist()) <= {0.0, 1.0} and x.shape == (3, *images.shape[1:])
+    # The same seed gives each row the same draw whichever batch it is in (a data-parallel shard, a replay).
+    again, _ = trainer._gather(torch.tensor([7, 5]), torch.Generator().manual_seed(4))
+    assert torch.equal(again, x[[2, 0]])
 
 
 @pytest.mark.parametrize("check_every", [1, 4, 1000])

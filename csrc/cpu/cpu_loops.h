@@ -35,6 +35,8 @@ inline void parallel_rows(int64_t rows, int64_t row_len, int64_t min_elements_pe
 // leading normals of its first Philox block, and the vector paths' rounding up
 // to whole groups of 16 blocks.
 constexpr int64_t kNoiseBufferFloats = kNoiseChunk + 64;
+// Philox blocks per buffer of words (philox_words): 4 words per block.
+constexpr int64_t kWordBlocks = kNoiseBufferFloats / 4;
 
 // Writes the standard normals of sample `sample`, within-sample indices
 // [first, first+count) (count <= kNoiseChunk), into `buf`, which must hold
@@ -42,6 +44,11 @@ constexpr int64_t kNoiseBufferFloats = kNoiseChunk + 64;
 // `first`. AVX2 and AVX-512 give the same bits; the baseline level, which has no
 // FMA, agrees to float rounding (csrc/cpu/noise.cpp).
 const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample, int64_t first, int64_t count, float* buf);
+
+// The Philox words of blocks counter, counter + 1, ..., counter + blocks - 1 under (seed,
+// offset): word j of block b at words[j * kWordBlocks + b]. `words` holds 4 * kWordBlocks
+// words; blocks <= kWordBlocks - 16 (the vector paths round up to whole groups of 16).
+void philox_words(uint64_t seed, uint64_t offset, uint64_t counter, int64_t blocks, uint32_t* words);
 
 }  // namespace cpu
 }  // namespace fastvae

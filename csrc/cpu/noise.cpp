@@ -25,16 +25,14 @@ namespace fastvae {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaxBlocks = kNoiseBufferFloats / 4;
-
 // Philox's per-round constants (Salmon et al. 2011).
 constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
 constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
 
-// The four Philox words of blocks [0, blocks) are words[j * kMaxBlocks + block], j = 0..3.
+// The four Philox words of blocks [0, blocks) are words[j * kWordBlocks + block], j = 0..3.
 // Box-Muller turns them into the normals 4*block .. 4*block+3 (normal4's order).
 __attribute__((always_inline)) inline void box_muller_blocks(const uint32_t* words, int64_t blocks, float* out) {
-  const uint32_t *w0 = words, *w1 = words + kMaxBlocks, *w2 = words + 2 * kMaxBlocks, *w3 = words + 3 * kMaxBlocks;
+  const uint32_t *w0 = words, *w1 = words + kWordBlocks, *w2 = words + 2 * kWordBlocks, *w3 = words + 3 * kWordBlocks;
 #pragma omp simd
   for (int64_t b = 0; b < blocks; ++b) {
     box_muller(w0[b], w1[b], &out[4 * b], &out[4 * b + 1]);
@@ -82,7 +80,7 @@ FASTVAE_TARGET_AVX2 void philox_words_avx2(uint64_t counter, uint64_t offset, ui
     for (int j = 0; j < 4; ++j) {  // the low halves of both registers, in block order
       const __m256i first4 = _mm256_permutevar8x32_epi32(out[j][0], low_halves_first);
       const __m256i last4 = _mm256_permutevar8x32_epi32(out[j][1], low_halves_first);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + j * kMaxBlocks + b),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + j * kWordBlocks + b),
                           _mm256_permute2x128_si256(first4, last4, 0x20));
     }
   }
@@ -121,7 +119,7 @@ FASTVAE_TARGET_AVX512 void philox_words_avx512(uint64_t counter, uint64_t offset
     const __m512i* out[4] = {x0, x1, x2, x3};
     for (int j = 0; j < 4; ++j) {
       for (int h = 0; h < 2; ++h) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + j * kMaxBlocks + b + 8 * h),
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + j * kWordBlocks + b + 8 * h),
                             _mm512_cvtepi64_epi32(out[j][h]));
       }
     }
@@ -136,7 +134,7 @@ inline int64_t span_blocks(int64_t first, int64_t count, int64_t group) {
 
 FASTVAE_TARGET_AVX2 const float* draw_normals_avx2(uint64_t seed, uint64_t offset, int64_t sample, int64_t first,
                                                    int64_t count, float* buf) {
-  alignas(32) uint32_t words[4 * kMaxBlocks];
+  alignas(32) uint32_t words[4 * kWordBlocks];
   const int64_t blocks = span_blocks(first, count, 8);
   philox_words_avx2(noise_block(sample, first / 4), offset, seed, blocks, words);
   box_muller_blocks(words, blocks, buf);
@@ -145,13 +143,21 @@ FASTVAE_TARGET_AVX2 const float* draw_normals_avx2(uint64_t seed, uint64_t offse
 
 FASTVAE_TARGET_AVX512 const float* draw_normals_avx512(uint64_t seed, uint64_t offset, int64_t sample, int64_t first,
                                                        int64_t count, float* buf) {
-  alignas(64) uint32_t words[4 * kMaxBlocks];
+  alignas(64) uint32_t words[4 * kWordBlocks];
   const int64_t blocks = span_blocks(first, count, 16);
   philox_words_avx512(noise_block(sample, first / 4), offset, seed, blocks, words);
   box_muller_blocks(words, blocks, buf);
   return buf + first % 4;
 }
 #endif
+
+// Any CPU: the header's philox4x32_10, block by block.
+void philox_words_portable(uint64_t counter, uint64_t offset, uint64_t seed, int64_t blocks, uint32_t* words) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Philox4 r = philox4x32_10(counter + b, offset, seed);
+    for (int j = 0; j < 4; ++j) words[j * kWordBlocks + b] = r.v[j];
+  }
+}
 
 // Any CPU: the header's normal4, block by block (vectorized by GCC where it can).
 const float* draw_normals_portable(uint64_t seed, uint64_t offset, int64_t sample, int64_t first, int64_t count,
@@ -167,6 +173,20 @@ const float* draw_normals_portable(uint64_t seed, uint64_t offset, int64_t sampl
 }
 
 }  // namespace
+
+void philox_words(uint64_t seed, uint64_t offset, uint64_t counter, int64_t blocks, uint32_t* words) {
+#if FASTVAE_X86_LEVELS
+  switch (cpu_level()) {
+    case CpuLevel::kAvx512:
+      return philox_words_avx512(counter, offset, seed, (blocks + 15) / 16 * 16, words);
+    case CpuLevel::kAvx2:
+      return philox_words_avx2(counter, offset, seed, (blocks + 7) / 8 * 8, words);
+    default:
+      break;
+  }
+#endif
+  philox_words_portable(counter, offset, seed, blocks, words);
+}
 
 const float* draw_normals(uint64_t seed, uint64_t offset, int64_t sample, int64_t first, int64_t count, float* buf) {
 #if FASTVAE_X86_LEVELS
