@@ -10,6 +10,7 @@ from .ops import (  # noqa: F401
     cuda_kernels_built,
     discretized_logistic_log_likelihood,
     fused_head_log_likelihood,
+    gather_bernoulli,
     gaussian_kl,
     gaussian_log_likelihood,
     latent_terms,
