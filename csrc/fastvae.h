@@ -260,14 +260,28 @@ FASTVAE_FN double log1p_exp_neg_abs(double a) { return log1p(exp(-fabs(a))); }
 //   log_q = -0.5 * sum(eps^2 + logvar) - 0.5*D*log(2 pi)
 //   log_p = -0.5 * sum(z^2)            - 0.5*D*log(2 pi)
 // Returns z = mu + std*eps and adds the element's terms to the running sums.
+// (The CPU loop calls the two halves in separate passes: one loop holding the exp's
+// constants and one holding the sums each fit AVX2's 16 registers, where one loop
+// holding both spilled to the stack.)
 template <typename T>
-FASTVAE_FN T latent_element(T mu, T logvar, T eps, T& kl2_sum, T& eps_sq_logvar_sum, T& z_sq_sum) {
-  const T std_dev = exp_of(T(0.5) * logvar);
-  const T z = mu + std_dev * eps;
+FASTVAE_FN T latent_std(T logvar) {
+  return exp_of(T(0.5) * logvar);
+}
+
+template <typename T>
+FASTVAE_FN void latent_add_terms(T mu, T logvar, T eps, T std_dev, T z, T& kl2_sum, T& eps_sq_logvar_sum,
+                                 T& z_sq_sum) {
   // var - 1 - logvar first: near the prior it cancels to a small number that keeps its digits.
   kl2_sum += mu * mu + ((std_dev * std_dev - T(1)) - logvar);
   eps_sq_logvar_sum += eps * eps + logvar;
   z_sq_sum += z * z;
+}
+
+template <typename T>
+FASTVAE_FN T latent_element(T mu, T logvar, T eps, T& kl2_sum, T& eps_sq_logvar_sum, T& z_sq_sum) {
+  const T std_dev = latent_std(logvar);
+  const T z = mu + std_dev * eps;
+  latent_add_terms(mu, logvar, eps, std_dev, z, kl2_sum, eps_sq_logvar_sum, z_sq_sum);
   return z;
 }
 

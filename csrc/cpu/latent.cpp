@@ -43,17 +43,25 @@ struct LatentRowSums {
   static constexpr int kLanes = 16;
   T kl2[kLanes] = {}, eps_sq_logvar[kLanes] = {}, z_sq[kLanes] = {};
 
-  // z[j] for j < count, adding each element's terms to lane j % kLanes.
+  // z[j] for j < count (<= kNoiseChunk), adding each element's terms to lane j % kLanes.
+  // Two passes (fastvae.h, latent_std): z and std first, then the sums from them.
   __attribute__((always_inline)) inline void add(const T* mu, const T* logvar, const T* eps, T* z, int64_t count) {
+    T std_dev[kNoiseChunk];
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) {
+      std_dev[j] = latent_std(logvar[j]);
+      z[j] = mu[j] + std_dev[j] * eps[j];
+    }
     int64_t j = 0;
     for (; j + kLanes <= count; j += kLanes) {
 #pragma omp simd
       for (int k = 0; k < kLanes; ++k) {
-        z[j + k] = latent_element(mu[j + k], logvar[j + k], eps[j + k], kl2[k], eps_sq_logvar[k], z_sq[k]);
+        latent_add_terms(mu[j + k], logvar[j + k], eps[j + k], std_dev[j + k], z[j + k], kl2[k], eps_sq_logvar[k],
+                         z_sq[k]);
       }
     }
     for (int k = 0; j < count; ++j, ++k) {
-      z[j] = latent_element(mu[j], logvar[j], eps[j], kl2[k], eps_sq_logvar[k], z_sq[k]);
+      latent_add_terms(mu[j], logvar[j], eps[j], std_dev[j], z[j], kl2[k], eps_sq_logvar[k], z_sq[k]);
     }
   }
 
