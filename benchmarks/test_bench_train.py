@@ -46,7 +46,7 @@ class Cycle:
 def fastvae_step(tmp_path):
     # The minibatches are binarized already, as for the plain model.
     config = TrainConfig(out_dir=str(tmp_path), latent_dim=50, arch_config={"hidden": [200, 200]},
-                         batch_size=BATCH, binarize="none")
+                         batch_size=BATCH, binarize="none", likelihood="bernoulli")
     dataset = data_lib.ImageDataset(torch.zeros(BATCH, 1, 28, 28), None, 0, "bench")
     trainer = Trainer(config, dataset)
     batches = Cycle(minibatches())

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastvae.architectures._recompute import _RecomputedStack, recomputable, run_stack
+from fastvae.architectures import _recompute
+from fastvae.architectures._recompute import _RecomputedStack, dropped_bytes, recomputable, run_stack
 from fastvae.model import VAE
 
 
@@ -46,7 +47,7 @@ def test_same_output_and_gradients_as_the_plain_stack_keeping_only_input_and_out
     for recompute in (True, False):
         layers.zero_grad()
         x.grad = None
-        out, saved = _saved_storages(lambda: run_stack(layers, x, recompute))
+        out, saved = _saved_storages(lambda: run_stack(layers, x, recompute, min_bytes=0))
         out.backward(grad_out)
         results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in layers.parameters()], saved))
     (out, gx, gp, saved), (plain_out, plain_gx, plain_gp, plain_saved) = results
@@ -60,6 +61,16 @@ def test_same_output_and_gradients_as_the_plain_stack_keeping_only_input_and_out
     assert len([ptr for ptr in plain_saved if ptr not in params]) == 4  # x and the three hidden outputs
 
 
+def test_small_activations_are_kept_large_ones_recomputed():
+    layers = _stack(nn.Tanh, widths=(5, 64, 8)).float()
+    rows = _recompute.RECOMPUTE_MIN_BYTES // (64 * 4)
+    for n, recomputed in ((rows - 1, False), (rows, True)):
+        x = torch.randn(n, 5, requires_grad=True)
+        assert dropped_bytes(layers, x) == n * 64 * 4
+        out = run_stack(layers, x, True)
+        assert (type(out.grad_fn.next_functions[0][0]).__name__ == "_RecomputedStackBackward") == recomputed, n
+
+
 def test_what_is_not_recomputed():
     assert not recomputable(nn.Sequential(nn.Linear(2, 3), nn.Tanh()))  # one layer: nothing to save
     assert not recomputable(nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 3), nn.Tanh()))
@@ -67,12 +78,13 @@ def test_what_is_not_recomputed():
     layers = _stack(nn.Tanh)
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():  # nothing recorded: the plain forward
-        torch.testing.assert_close(run_stack(layers, x, True), layers(x), rtol=0, atol=0)
+        torch.testing.assert_close(run_stack(layers, x, True, min_bytes=0), layers(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("objective", ["analytic", "iwae"])
 @pytest.mark.parametrize("fused_head", [True, False])
-def test_vae_with_and_without_recomputing_gives_the_same_numbers(objective, fused_head):
+def test_vae_with_and_without_recomputing_gives_the_same_numbers(objective, fused_head, monkeypatch):
+    monkeypatch.setattr(_recompute, "RECOMPUTE_MIN_BYTES", 0)
     models = []
     for recompute in (True, False):
         torch.manual_seed(0)
@@ -96,7 +108,7 @@ def test_compiles_in_one_graph():
     x = torch.randn(4, 5, requires_grad=True)
 
     def loss(x):
-        return run_stack(layers, x, True).square().sum()
+        return run_stack(layers, x, True, min_bytes=0).square().sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     got = compiled(x)

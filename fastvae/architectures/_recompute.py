@@ -89,9 +89,22 @@ class _RecomputedStack(torch.autograd.Function):
         return (grad_x, None, *grads)
 
 
-def run_stack(layers: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
-    """layers(x); with recompute (and autograd recording, and layers recomputable) through _RecomputedStack."""
-    if not (recompute and torch.is_grad_enabled() and recomputable(layers)):
+# Below this many bytes of dropped activations recomputing is not worth its extra pass: an SGVB
+# step of the MNIST MLP (batch 100, L=1) would drop 80 KB and run 2-3% slower; IWAE k=50 drops 3.8 MiB.
+RECOMPUTE_MIN_BYTES = 1 << 20
+
+
+def dropped_bytes(layers: nn.Sequential, x: Tensor) -> int:
+    """Bytes of the hidden outputs that recomputing would not keep: all but the last layer's."""
+    widths = [lin.out_features for lin in layers[::2]][:-1]
+    return x.shape[0] * sum(widths) * x.element_size()
+
+
+def run_stack(layers: nn.Sequential, x: Tensor, recompute: bool, min_bytes: int | None = None) -> Tensor:
+    """layers(x); through _RecomputedStack when recompute is on, autograd records, the layers are
+    recomputable and it drops at least min_bytes (default RECOMPUTE_MIN_BYTES) of activations."""
+    min_bytes = RECOMPUTE_MIN_BYTES if min_bytes is None else min_bytes
+    if not (recompute and torch.is_grad_enabled() and recomputable(layers) and dropped_bytes(layers, x) >= min_bytes):
         return layers(x)
     params = [p for lin in layers[::2] for p in (lin.weight, lin.bias)]
     return layers[-1](_RecomputedStack.apply(x, type(layers[1]), *params))

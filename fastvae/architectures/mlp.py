@@ -49,6 +49,7 @@ class MLPDecoder(Decoder):
     recompute_hidden (with two hidden layers or more): autograd keeps only z and the last
     hidden layer; the backward recomputes the others (fastvae/architectures/_recompute.py).
     Same numbers; for IWAE's k x B rows it saves (len(hidden) - 1) activations of (k*B, width).
+    It applies when that saves at least 1 MiB (RECOMPUTE_MIN_BYTES), where it pays for its pass.
     """
 
     def __init__(self, output_shape, latent_dim, condition_dim=0, likelihood="bernoulli", hidden=(500,),
