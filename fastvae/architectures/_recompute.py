@@ -18,6 +18,8 @@ input): recomputing adds one activation-sized buffer to the backward's peak.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -40,7 +42,7 @@ def _relu_grad(grad: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
 _ACTIVATIONS = {nn.Tanh: (Tensor.tanh_, _tanh_grad), nn.ReLU: (Tensor.relu_, _relu_grad)}
 
 
-def recomputable(layers: nn.Sequential) -> bool:
+def recomputable(layers: Sequence[nn.Module]) -> bool:
     """Whether layers alternate nn.Linear (with bias) and an activation whose derivative its output gives,
     and are deep enough (two layers or more) that recomputing saves something."""
     pairs = list(zip(layers[::2], layers[1::2]))
@@ -94,17 +96,23 @@ class _RecomputedStack(torch.autograd.Function):
 RECOMPUTE_MIN_BYTES = 1 << 20
 
 
-def dropped_bytes(layers: nn.Sequential, x: Tensor) -> int:
+def dropped_bytes(layers: Sequence[nn.Module], x: Tensor) -> int:
     """Bytes of the hidden outputs that recomputing would not keep: all but the last layer's."""
     widths = [lin.out_features for lin in layers[::2]][:-1]
     return x.shape[0] * sum(widths) * x.element_size()
 
 
-def run_stack(layers: nn.Sequential, x: Tensor, recompute: bool, min_bytes: int | None = None) -> Tensor:
-    """layers(x); through _RecomputedStack when recompute is on, autograd records, the layers are
-    recomputable and it drops at least min_bytes (default RECOMPUTE_MIN_BYTES) of activations."""
+def run_stack(layers: Sequence[nn.Module], x: Tensor, recompute: bool, min_bytes: int | None = None) -> Tensor:
+    """The layers applied to x in turn; through _RecomputedStack when recompute is on, autograd records,
+    the layers are recomputable and it drops at least min_bytes (default RECOMPUTE_MIN_BYTES).
+
+    layers: a list (or nn.Sequential) of modules. A plain list is cheaper per call: slicing an
+    nn.Sequential builds a new module every time.
+    """
     min_bytes = RECOMPUTE_MIN_BYTES if min_bytes is None else min_bytes
     if not (recompute and torch.is_grad_enabled() and recomputable(layers) and dropped_bytes(layers, x) >= min_bytes):
-        return layers(x)
+        for layer in layers:
+            x = layer(x)
+        return x
     params = [p for lin in layers[::2] for p in (lin.weight, lin.bias)]
     return layers[-1](_RecomputedStack.apply(x, type(layers[1]), *params))

@@ -62,6 +62,9 @@ class MLPDecoder(Decoder):
         self.fused_head = fused_head
         self.recompute_hidden = recompute_hidden
         self.net = _mlp(latent_dim + condition_dim, hidden, self.params_per_element * self.output_numel, activation)
+        # The layers before the output layer, as a plain list: registered once, as net.<i>, and
+        # not re-sliced (slicing an nn.Sequential builds a module) at every call of hidden().
+        self._hidden_layers = list(self.net)[:-1]
 
     @property
     def output_layer(self) -> nn.Linear:
@@ -71,7 +74,7 @@ class MLPDecoder(Decoder):
     def hidden(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """The last hidden layer (N, H), the input of output_layer."""
         self.check_input(z, condition)
-        return run_stack(self.net[:-1], with_condition(z, condition), self.recompute_hidden)
+        return run_stack(self._hidden_layers, with_condition(z, condition), self.recompute_hidden)
 
     def forward(self, z: Tensor, condition: Tensor | None = None):
         return self.to_output(self.output_layer(self.hidden(z, condition)))
