@@ -127,13 +127,17 @@ def plot_metrics(csv_path, png_path, *, columns=None, renderer: str | None = Non
 
 
 def metric_panels(series: dict) -> list[tuple[str, dict[str, list[float]]]]:
-    """Group columns into panels: [(title, {legend label: values})], ELBO first, then rec, then kl."""
+    """Group columns into panels: [(title, {legend label: values})], ELBO first, then rec, then kl.
+
+    A column of its own that never changes (the lr column of a constant learning rate) gets no
+    panel: a flat line says nothing the run's settings do not.
+    """
     panels: dict[str, dict[str, list[float]]] = {}
     for column, values in series.items():
         split, _, term = column.partition("_")
         if split in SPLIT_COLOURS and term:
             panels.setdefault(term, {})[split] = values
-        else:
+        elif len(set(values)) > 1:
             panels.setdefault(column, {})[column] = values
     order = [t for t in PANEL_TITLES if t in panels] + [t for t in panels if t not in PANEL_TITLES]
     return [(PANEL_TITLES.get(term, term), panels[term]) for term in order]

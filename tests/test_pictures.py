@@ -64,6 +64,13 @@ def test_loss_plot_panels_leave_throughput_out(tmp_path):
     assert all(set(lines) == {"train", "val"} for _, lines in panels)
 
 
+def test_loss_plot_draws_a_learning_rate_panel_only_when_it_changes():
+    losses = {"train_elbo": [-3.0, -2.0, -1.5]}
+    assert [title for title, _ in metric_panels({**losses, "lr": [1e-3, 1e-3, 1e-3]})] == ["ELBO (nats per example)"]
+    assert [title for title, _ in metric_panels({**losses, "lr": [1e-3, 5e-4, 0.0]})] == [
+        "ELBO (nats per example)", "lr"]
+
+
 def test_loss_plot_unknown_renderer(tmp_path):
     with pytest.raises(ValueError, match="renderer"):
         plot_metrics(realistic_metrics(tmp_path / "metrics.csv"), tmp_path / "x.png", renderer="svg")
