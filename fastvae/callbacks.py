@@ -51,13 +51,18 @@ class TensorBoardLogger(Callback):
     speed/examples_per_second (and train/bpd, val/bpd for 8-bit image likelihoods); pictures under pictures/<name> (pictures/samples, ...).
     """
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, fresh: bool = False):
+        """fresh: a new run in log_dir; the event files an earlier run left there are deleted first,
+        so TensorBoard does not draw two runs' curves as one. A resumed run (fresh=False) appends."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ImportError("--tensorboard needs the tensorboard package: pip install 'fastvae[tensorboard]' "
                               "(or pip install tensorboard)") from None
         self.log_dir = Path(log_dir)
+        if fresh:
+            for old in self.log_dir.glob("events.out.tfevents.*"):
+                old.unlink()
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self.epoch = 0
 

@@ -499,7 +499,8 @@ def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callbac
 
     Resuming takes the run's configuration from its checkpoint; only RESUMABLE_FIELDS (`epochs`
     to extend a run, `max_minutes`, `tensorboard`) come from `config`. `config.tensorboard` adds a
-    TensorBoardLogger writing to <out_dir>/tensorboard to `callbacks`.
+    TensorBoardLogger writing to <out_dir>/tensorboard to `callbacks` (a fresh run replaces the
+    event files an earlier run left there; a resumed one appends).
     """
     if resume:
         config = resumed_config(config)
@@ -510,7 +511,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callbac
     if trainer.likelihood_choice and trainer.world.is_main:
         tqdm.write(trainer.likelihood_choice)
     if config.tensorboard and trainer.world.is_main:
-        trainer.callbacks.append(TensorBoardLogger(trainer.out_dir / "tensorboard"))
+        trainer.callbacks.append(TensorBoardLogger(trainer.out_dir / "tensorboard", fresh=not resume))
     try:
         history = trainer.fit(resume=resume)
         trainer.model.eval()

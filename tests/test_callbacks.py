@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastvae import data as data_lib
-from fastvae.callbacks import Callback, scalar_tag
+from fastvae.callbacks import Callback, TensorBoardLogger, scalar_tag
 from fastvae.config import TrainConfig
 from fastvae.train import Trainer, split_validation, train
 
@@ -55,6 +55,19 @@ def test_close_is_called_when_training_fails(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(small_config(tmp_path), callbacks=[recorder])
     assert recorder.calls[-1] == ("close",)
+
+
+def test_a_fresh_tensorboard_log_replaces_an_earlier_runs_events_and_resuming_keeps_them(tmp_path):
+    pytest.importorskip("tensorboard")
+    log_dir = tmp_path / "tensorboard"
+    log_dir.mkdir()
+    (log_dir / "events.out.tfevents.1.old").write_bytes(b"old run")
+    (log_dir / "notes.txt").write_text("not an event file")
+    TensorBoardLogger(log_dir).close()  # resuming: the earlier events stay
+    assert (log_dir / "events.out.tfevents.1.old").exists()
+    TensorBoardLogger(log_dir, fresh=True).close()
+    assert not (log_dir / "events.out.tfevents.1.old").exists() and (log_dir / "notes.txt").exists()
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1  # the new run's
 
 
 def test_scalar_tags():
