@@ -115,14 +115,12 @@ def explicit_train_options(argv: list[str]) -> set[str]:
 
 def _check_resume_flags(config, explicit: set[str]) -> None:
     """Refuse a --resume whose flags contradict the run's checkpoint; say what applies."""
-    from .train import RESUMABLE_FIELDS, resumed_config
+    from .train import RESUMABLE_FIELDS, resume_conflicts, resumed_config
 
     run = resumed_config(config)
     flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(config)}
-    differ = []
-    for name in sorted(explicit & set(flags)):
-        if name not in RESUMABLE_FIELDS and getattr(config, name) != getattr(run, name):
-            differ.append(f"{flags[name]} {getattr(config, name)} (the run has {getattr(run, name)})")
+    differ = [f"{flags[name]} {getattr(config, name)} (the run has {getattr(run, name)})"
+              for name in resume_conflicts(config, run, explicit & set(flags))]
     if "hidden" in explicit and config.arch_config.get("hidden") != run.arch_config.get("hidden"):
         differ.append(f"--hidden {config.arch_config.get('hidden')} (the run has {run.arch_config.get('hidden')})")
     if differ:

@@ -5,6 +5,7 @@ The command line, the checkpoint and the Python API all read their choices and d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
@@ -105,6 +106,13 @@ class TrainConfig:
     def binarize_mode(self) -> str:
         """The binarization the data actually gets: only a likelihood declared binarize=True (Bernoulli) gets it."""
         return self.binarize if likelihoods.get(self.likelihood).binarize else "none"
+
+    def set_fields(self) -> set[str]:
+        """The names of the fields whose value differs from their default: what a caller chose."""
+        def default(f):
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+        return {f.name for f in fields(self) if getattr(self, f.name) != default(f)}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

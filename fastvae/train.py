@@ -494,16 +494,31 @@ def resumed_config(config: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict({**saved, **{name: getattr(config, name) for name in RESUMABLE_FIELDS}})
 
 
+def resume_conflicts(config: TrainConfig, run: TrainConfig, names) -> list[str]:
+    """The fields among `names`, other than RESUMABLE_FIELDS, whose value in config is not the run's."""
+    return [name for name in sorted(names) if name not in RESUMABLE_FIELDS and getattr(config, name) != getattr(run, name)]
+
+
 def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> tuple[Trainer, list[dict]]:
     """Load the data, train (or resume), and write the pictures next to the checkpoint.
 
     Resuming takes the run's configuration from its checkpoint; only RESUMABLE_FIELDS (`epochs`
-    to extend a run, `max_minutes`, `tensorboard`) come from `config`. `config.tensorboard` adds a
+    to extend a run, `max_minutes`, `tensorboard`) come from `config`, and any other field that
+    `config` sets to a non-default value different from the run's is refused (ValueError). `config.tensorboard` adds a
     TensorBoardLogger writing to <out_dir>/tensorboard to `callbacks` (a fresh run replaces the
     event files an earlier run left there; a resumed one appends).
     """
     if resume:
-        config = resumed_config(config)
+        run = resumed_config(config)
+        # A field set to something else than its default is a choice: refuse it rather than drop it.
+        conflicts = resume_conflicts(config, run, config.set_fields())
+        if conflicts:
+            differ = "; ".join(f"{name}={getattr(config, name)!r} (the run has {getattr(run, name)!r})"
+                               for name in conflicts)
+            raise ValueError(f"resume=True continues the run in {config.out_dir} as it was trained, but config "
+                             f"sets {differ}. Leave them at their defaults (only {', '.join(RESUMABLE_FIELDS)} "
+                             "may change on resume), or start a new run in another out_dir")
+        config = run
     config.validate()
     full = data_lib.load_dataset(config.data, "train")
     train_set, val_set = split_validation(full, config.val_fraction)

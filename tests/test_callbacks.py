@@ -110,3 +110,12 @@ def test_trainer_leaves_the_global_rng_alone_and_weights_follow_the_seed(tmp_pat
     third = Trainer(small_config(tmp_path, seed=8), *digits)
     assert not torch.equal(first.model.state_dict()["encoder.net.0.weight"],
                            third.model.state_dict()["encoder.net.0.weight"])
+
+
+def test_python_resume_refuses_a_setting_that_contradicts_the_run(tmp_path):
+    train(small_config(tmp_path, epochs=1, lr=3e-3))
+    with pytest.raises(ValueError, match=r"lr=0.1 \(the run has 0.003\).*another out_dir"):
+        train(TrainConfig(out_dir=str(tmp_path / "run"), epochs=2, lr=0.1), resume=True)
+    # Defaults and the run's own values are not choices against it: the run continues.
+    trainer, history = train(TrainConfig(out_dir=str(tmp_path / "run"), epochs=2, lr=3e-3), resume=True)
+    assert trainer.epoch == 2 and trainer.config.arch_config == {"hidden": [16]}
