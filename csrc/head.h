@@ -215,4 +215,50 @@ inline HeadIO prepare_head(const at::Tensor& h, const at::Tensor& weight, const 
   return io;
 }
 
+// The three head ops on one backend, which supplies Backend::compute(io, wants) (the chunked
+// loop over the rows) and Backend::Guard(device) (makes the inputs' device current). The
+// checks, the allocation and the outputs are shared here, as LikelihoodOps does for the
+// likelihoods (host.h).
+template <class Backend>
+struct HeadOps {
+  static at::Tensor log_prob(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             const at::Tensor& x, c10::string_view likelihood, double logvar_value,
+                             bool /*precompute_grads: autograd only*/) {
+    const typename Backend::Guard guard(h.device());
+    const HeadWants wants{true, false, false, false};
+    const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
+    Backend::compute(io, wants);
+    return io.log_prob;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_with_grads(
+      const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& x,
+      c10::string_view likelihood, double logvar_value) {
+    const typename Backend::Guard guard(h.device());
+    const HeadWants wants{true, true, true, true};
+    const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
+    Backend::compute(io, wants);
+    auto [grad_h, grad_weight, grad_bias] = io.grads();
+    return {io.log_prob, grad_h, grad_weight, grad_bias};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+      const at::Tensor& x, c10::string_view likelihood, double logvar_value, bool needs_grad_h,
+      bool needs_grad_weight, bool needs_grad_bias) {
+    const typename Backend::Guard guard(h.device());
+    const HeadWants wants{false, needs_grad_h, needs_grad_weight, needs_grad_bias};
+    const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, grad, wants);
+    if (wants.any_grad()) Backend::compute(io, wants);
+    return io.grads();
+  }
+
+  template <class Library>
+  static void register_kernels(Library& m) {
+    m.impl("fused_head_log_prob", &log_prob);
+    m.impl("fused_head_log_prob_with_grads", &log_prob_with_grads);
+    m.impl("fused_head_log_prob_backward", &backward);
+  }
+};
+
 }  // namespace fastvae

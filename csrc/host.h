@@ -269,6 +269,11 @@ inline LikelihoodIO prepare_likelihood_backward(const at::Tensor& grad, const at
   return io;
 }
 
+// The device guard of a backend without devices to switch (CPU).
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(c10::Device) {}
+};
+
 // The ops of likelihood D (traits in csrc/fastvae.h) on one backend, which
 // supplies the kernels: Backend::run<D>(args, backward) launches them for a
 // float or double LikelihoodArgs, and Backend::Guard(device) makes the inputs'

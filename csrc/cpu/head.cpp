@@ -184,46 +184,16 @@ void run_head(const HeadIO& io, HeadWants wants) {
   }
 }
 
-void compute(const HeadIO& io, HeadWants wants) {
-  AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::fused_head", [&] { run_head<scalar_t>(io, wants); });
-}
-
-at::Tensor fused_head_log_prob(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                               const at::Tensor& x, c10::string_view likelihood, double logvar_value,
-                               bool /*precompute_grads: autograd only*/) {
-  const HeadWants wants{true, false, false, false};
-  const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
-  compute(io, wants);
-  return io.log_prob;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_head_log_prob_with_grads(
-    const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& x,
-    c10::string_view likelihood, double logvar_value) {
-  const HeadWants wants{true, true, true, true};
-  const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
-  compute(io, wants);
-  auto [grad_h, grad_weight, grad_bias] = io.grads();
-  return {io.log_prob, grad_h, grad_weight, grad_bias};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_head_log_prob_backward(
-    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& x, c10::string_view likelihood, double logvar_value, bool needs_grad_h, bool needs_grad_weight,
-    bool needs_grad_bias) {
-  const HeadWants wants{false, needs_grad_h, needs_grad_weight, needs_grad_bias};
-  const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, grad, wants);
-  if (wants.any_grad()) compute(io, wants);
-  return io.grads();
-}
+struct CpuHeadBackend {
+  using Guard = NoDeviceGuard;
+  static void compute(const HeadIO& io, HeadWants wants) {
+    AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::fused_head", [&] { run_head<scalar_t>(io, wants); });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
-  m.impl("fused_head_log_prob", &fused_head_log_prob);
-  m.impl("fused_head_log_prob_with_grads", &fused_head_log_prob_with_grads);
-  m.impl("fused_head_log_prob_backward", &fused_head_log_prob_backward);
-}
+TORCH_LIBRARY_IMPL(fastvae, CPU, m) { HeadOps<CpuHeadBackend>::register_kernels(m); }
 
 }  // namespace cpu
 }  // namespace fastvae

@@ -108,9 +108,7 @@ struct RunTaskF32 {
 };
 
 struct CpuBackend {
-  struct Guard {
-    explicit Guard(c10::Device) {}
-  };
+  using Guard = NoDeviceGuard;
 
   template <class D, typename T>
   static void run(const LikelihoodArgs<T>& a, bool backward) {
