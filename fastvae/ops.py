@@ -476,7 +476,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Reconstruction log-likelihoods.
+# Data: a minibatch gathered and binarized in one pass.
 # ---------------------------------------------------------------------------
 def gather_bernoulli(
     probs: Tensor, index: Tensor, *, generator: torch.Generator | None = None, seed: int | None = None
@@ -498,6 +498,9 @@ def gather_bernoulli(
     return _gather_bernoulli_op(probs, index, seed)
 
 
+# ---------------------------------------------------------------------------
+# Reconstruction log-likelihoods.
+# ---------------------------------------------------------------------------
 def _flatten_pair(params: Tensor, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """(B, ...) / (L, B, ...) decoder output and (B, ...) data -> (B, P) / (L, B, P) and (B, P)."""
     _check_tensor(params, name)
