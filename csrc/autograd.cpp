@@ -171,6 +171,36 @@ class TwoParamLogProb : public torch::autograd::Function<TwoParamLogProb<D>> {
   }
 };
 
+using SparseInputLinearSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&);
+using SparseInputLinearBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                        bool, bool, bool);
+
+class SparseInputLinear : public torch::autograd::Function<SparseInputLinear> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
+    static const auto op = find_op<SparseInputLinearSig>("fastvae::sparse_input_linear");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return op.call(x, weight, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<SparseInputLinearBackwardSig>("fastvae::sparse_input_linear_backward");
+    const auto saved = ctx->get_saved_variables();
+    const bool needs_x = ctx->needs_input_grad(0), needs_weight = ctx->needs_input_grad(1);
+    // A bias of None is not an input autograd counts: asking about it would be out of range.
+    const bool needs_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    BelowAutogradUnlessDoubleBackward guard;
+    auto [grad_x, grad_weight, grad_bias] = op.call(grads[0], saved[0], saved[1], needs_x, needs_weight, needs_bias);
+    return {needs_x ? grad_x : Tensor(), needs_weight ? grad_weight : Tensor(), needs_bias ? grad_bias : Tensor()};
+  }
+};
+
+Tensor sparse_input_linear_autograd(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
+  return SparseInputLinear::apply(x, weight, bias);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> latent_terms_autograd(const Tensor& mu, const Tensor& logvar,
                                                                  const optional<Tensor>& eps, optional<int64_t> num_samples,
                                                                  int64_t seed, int64_t offset, int64_t row_offset,
@@ -210,6 +240,7 @@ TORCH_LIBRARY_IMPL(fastvae, Autograd, m) {
     }
   });
   m.impl("latent_terms_from_generator", &latent_terms_from_generator_autograd);
+  m.impl("sparse_input_linear", &sparse_input_linear_autograd);
 }
 
 // ---------------------------------------------------------------------------

@@ -99,6 +99,33 @@ inline void check_gather_bernoulli_inputs(const at::Tensor& probs, const at::Ten
               probs.device(), "; they must be on the same device");
 }
 
+// sparse_input_linear: x (..., in), weight (out, in), bias (out,) or None, one
+// floating dtype and device.
+inline void check_sparse_input_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias) {
+  check_floating(x, "x");
+  check_same(weight, x, "weight", "x");
+  TORCH_CHECK(x.dim() >= 1, "fastvae: x must have shape (..., in_features), got a scalar");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "fastvae: weight must have shape (out_features, ",
+              x.size(-1), ") to match x's last dimension, got ", weight.sizes());
+  if (bias.has_value()) {
+    check_same(*bias, x, "bias", "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fastvae: bias must have shape (",
+                weight.size(0), ",) (out_features), got ", bias->sizes());
+  }
+}
+
+// sparse_input_linear_backward: grad shaped like the output, (..., out_features).
+inline void check_sparse_input_linear_backward_inputs(const at::Tensor& grad, const at::Tensor& x,
+                                                      const at::Tensor& weight) {
+  check_sparse_input_linear_inputs(x, weight, c10::nullopt);
+  check_same(grad, x, "grad", "x");
+  std::vector<int64_t> expected = x.sizes().vec();
+  expected.back() = weight.size(0);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(expected), "fastvae: grad must have the output's shape ", at::IntArrayRef(expected),
+              ", got ", grad.sizes());
+}
+
 // Output dtype of per-row sums: float32 for half inputs (they accumulate in
 // float32 and a half sum of hundreds of terms would lose the digits), else the input dtype.
 inline at::ScalarType sum_dtype(at::ScalarType t) {

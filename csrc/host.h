@@ -269,6 +269,32 @@ inline LikelihoodIO prepare_likelihood_backward(const at::Tensor& grad, const at
   return io;
 }
 
+// Autocast off for the ATen ops a kernel calls. The autocast keys stay in the
+// thread's dispatch set while an op without an autocast kernel runs, so an
+// at::linear inside a kernel would be cast to bfloat16 under
+// torch.autocast(dtype=bfloat16) and return another dtype than the op's inputs.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+// sparse_input_linear_backward on a backend whose weight gradient is
+// weight_grad(grad2d, x2d) (both 2-D and contiguous): checks, the gradients of x
+// and bias (dense: a product and a sum), empty (0,) tensors for those not asked for.
+template <typename Guard, typename WeightGrad>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_input_linear_grads(const at::Tensor& grad, const at::Tensor& x,
+                                                                        const at::Tensor& weight, bool needs_grad_x,
+                                                                        bool needs_grad_weight, bool needs_grad_bias,
+                                                                        const WeightGrad& weight_grad) {
+  check_sparse_input_linear_backward_inputs(grad, x, weight);
+  const NoAutocast no_autocast;
+  const Guard guard(x.device());
+  const at::Tensor grad2d = grad.reshape({-1, weight.size(0)}).contiguous();
+  const at::Tensor none = at::empty({0}, x.options());
+  return {needs_grad_x ? at::mm(grad2d, weight).reshape(x.sizes()) : none,
+          needs_grad_weight ? weight_grad(grad2d, x.reshape({-1, x.size(-1)}).contiguous()) : none,
+          needs_grad_bias ? grad2d.sum(0) : none};
+}
+
 // The device guard of a backend without devices to switch (CPU).
 struct NoDeviceGuard {
   explicit NoDeviceGuard(c10::Device) {}

@@ -39,6 +39,15 @@ TORCH_LIBRARY(fastvae, m) {
   // Dynamic binarization of a minibatch in the pass that gathers it.
   m.def("gather_bernoulli(Tensor probs, Tensor index, int seed) -> Tensor");
 
+  // y = x weight^T + bias for x (..., in), weight (out, in): a linear layer whose
+  // CPU kernel skips the zeros of x (csrc/cpu/sparse_linear.cpp), a fraction of a
+  // dense product's work for binarized images. Gradients not computed are empty
+  // (0,) tensors.
+  m.def("sparse_input_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "sparse_input_linear_backward(Tensor grad, Tensor x, Tensor weight, bool needs_grad_x,"
+      " bool needs_grad_weight, bool needs_grad_bias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+
   // Per-row sums of log p(x|params): params (L,B,P) or (B,P), x (B,P). The
   // kernels of every likelihood come from its traits in csrc/fastvae.h.
   m.def("bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");

@@ -16,6 +16,7 @@ from .ops import (  # noqa: F401
     latent_terms,
     nats_to_bits_per_dim,
     reparameterize,
+    sparse_input_linear,
 )
 from .model import VAE  # noqa: F401,E402
 from .export import load  # noqa: F401,E402
