@@ -38,23 +38,24 @@ constexpr int64_t kTile = 16;
 
 #define FASTVAE_ALWAYS_INLINE __attribute__((always_inline)) inline
 
-// 64 bytes of T as one GCC vector: one AVX-512 register, two AVX2 registers, four SSE
-// registers, whichever the level compiling the loop has.
-template <typename T>
+// kBytes of T as one GCC vector. Each level uses its own register width (64 bytes
+// at AVX-512, 32 at AVX2, 16 at the baseline): GCC splits a vector wider than the
+// level's registers through the stack, which made the AVX2 loops 4x slower.
+template <typename T, int kBytes>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t kLanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(kBytes)));
+  static constexpr int64_t kLanes = kBytes / sizeof(T);
 };
 
-template <typename T>
-FASTVAE_ALWAYS_INLINE typename Vec<T>::type load(const T* p) {
-  typename Vec<T>::type v;
+template <typename T, int kBytes>
+FASTVAE_ALWAYS_INLINE typename Vec<T, kBytes>::type load(const T* p) {
+  typename Vec<T, kBytes>::type v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
-template <typename T>
-FASTVAE_ALWAYS_INLINE void store(T* p, typename Vec<T>::type v) {
+template <typename T, int kBytes>
+FASTVAE_ALWAYS_INLINE void store(T* p, typename Vec<T, kBytes>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
@@ -62,11 +63,12 @@ FASTVAE_ALWAYS_INLINE void store(T* p, typename Vec<T>::type v) {
 // AVX-512 registers), in registers across all the nonzeros of a row.
 constexpr int64_t kBlockVecs = 4;
 
-// Rows of W^T (and of its gradient) are padded to whole vectors, so every load
-// and store of the inner loops is a full vector.
+// Rows of W^T (and of its gradient) are padded to whole 64-byte lines, so every
+// load and store of the inner loops is a full vector at every level.
 template <typename T>
 int64_t padded(int64_t n) {
-  return (n + Vec<T>::kLanes - 1) / Vec<T>::kLanes * Vec<T>::kLanes;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  return (n + kLine - 1) / kLine * kLine;
 }
 
 template <typename T>
@@ -108,50 +110,50 @@ FASTVAE_ALWAYS_INLINE int64_t list_nonzeros(const T* row, int64_t n, int32_t* in
 
 // out[0, kVecs vectors) = start (nullptr: zeros) + sum_k value[k] * rows[index[k]], rows
 // `stride` apart; only the first `keep` elements are written.
-template <typename T, int64_t kVecs>
+template <typename T, int kBytes, int64_t kVecs>
 FASTVAE_ALWAYS_INLINE void sum_rows(const T* start, const T* rows, int64_t stride, const int32_t* index,
                                     const T* value, int64_t count, T* out, int64_t keep) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t kLanes = Vec<T>::kLanes;
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int64_t kLanes = Vec<T, kBytes>::kLanes;
   V acc[kVecs];
-  for (int64_t i = 0; i < kVecs; ++i) acc[i] = start != nullptr ? load(start + i * kLanes) : V{};
+  for (int64_t i = 0; i < kVecs; ++i) acc[i] = start != nullptr ? load<T, kBytes>(start + i * kLanes) : V{};
   for (int64_t k = 0; k < count; ++k) {
     const T* row = rows + index[k] * stride;
     const V v = V{} + value[k];
-    for (int64_t i = 0; i < kVecs; ++i) acc[i] += v * load(row + i * kLanes);
+    for (int64_t i = 0; i < kVecs; ++i) acc[i] += v * load<T, kBytes>(row + i * kLanes);
   }
   if (keep == kVecs * kLanes) {
-    for (int64_t i = 0; i < kVecs; ++i) store(out + i * kLanes, acc[i]);
+    for (int64_t i = 0; i < kVecs; ++i) store<T, kBytes>(out + i * kLanes, acc[i]);
   } else {
     alignas(64) T tail[kVecs * kLanes];
-    for (int64_t i = 0; i < kVecs; ++i) store(tail + i * kLanes, acc[i]);
+    for (int64_t i = 0; i < kVecs; ++i) store<T, kBytes>(tail + i * kLanes, acc[i]);
     std::copy(tail, tail + keep, out);
   }
 }
 
 // out[0, keep) = start + sum_k value[k] * rows[index[k]] (rows `stride` apart, padded to whole
 // vectors), block of output columns by block.
-template <typename T>
+template <typename T, int kBytes>
 FASTVAE_ALWAYS_INLINE void sum_rows_blocked(const T* start, const T* rows, int64_t stride, const int32_t* index,
                                             const T* value, int64_t count, T* out, int64_t keep) {
-  constexpr int64_t kLanes = Vec<T>::kLanes, kBlock = kBlockVecs * kLanes;
+  constexpr int64_t kLanes = Vec<T, kBytes>::kLanes, kBlock = kBlockVecs * kLanes;
   auto at = [](const T* p, int64_t o) { return p != nullptr ? p + o : nullptr; };
   int64_t o = 0;
   for (; o + kBlock <= stride; o += kBlock) {
-    sum_rows<T, kBlockVecs>(at(start, o), rows + o, stride, index, value, count, out + o, std::min(kBlock, keep - o));
+    sum_rows<T, kBytes, kBlockVecs>(at(start, o), rows + o, stride, index, value, count, out + o, std::min(kBlock, keep - o));
   }
   for (; o < stride; o += kLanes) {
-    sum_rows<T, 1>(at(start, o), rows + o, stride, index, value, count, out + o, std::min(kLanes, keep - o));
+    sum_rows<T, kBytes, 1>(at(start, o), rows + o, stride, index, value, count, out + o, std::min(kLanes, keep - o));
   }
 }
 
-template <typename T>
+template <typename T, int kBytes>
 FASTVAE_ALWAYS_INLINE void forward_rows(const SparseLinearForwardArgs<T>& a, int64_t begin, int64_t end) {
   std::vector<int32_t> index(a.in);
   std::vector<T> value(a.in);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t count = list_nonzeros(a.x + r * a.in, a.in, index.data(), value.data());
-    sum_rows_blocked(a.bias, a.weight_t, a.stride, index.data(), value.data(), count, a.y + r * a.out, a.out);
+    sum_rows_blocked<T, kBytes>(a.bias, a.weight_t, a.stride, index.data(), value.data(), count, a.y + r * a.out, a.out);
   }
 }
 
@@ -159,7 +161,7 @@ FASTVAE_ALWAYS_INLINE void forward_rows(const SparseLinearForwardArgs<T>& a, int
 // nonzeros v = x[r][j] of column j. The nonzeros of the range are first sorted by
 // column (counting sort), so that each row of grad_W^T is summed in registers and
 // written once.
-template <typename T>
+template <typename T, int kBytes>
 FASTVAE_ALWAYS_INLINE void weight_grad_columns(const SparseLinearWeightGradArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t cols = end - begin;
   std::vector<int32_t> index(cols), by_column_row(a.rows * cols), first(cols + 1, 0);
@@ -179,33 +181,51 @@ FASTVAE_ALWAYS_INLINE void weight_grad_columns(const SparseLinearWeightGradArgs<
     }
   }
   for (int64_t j = 0; j < cols; ++j) {
-    sum_rows_blocked<T>(nullptr, a.grad, a.stride, by_column_row.data() + first[j], by_column_value.data() + first[j],
+    sum_rows_blocked<T, kBytes>(nullptr, a.grad, a.stride, by_column_row.data() + first[j], by_column_value.data() + first[j],
                         first[j + 1] - first[j], a.grad_weight_t + (begin + j) * a.stride, a.stride);
   }
 }
 
+template <int kBytes>
 struct ForwardF32 {
   FASTVAE_ALWAYS_INLINE void operator()(const SparseLinearForwardArgs<float>& a, int64_t begin, int64_t end) const {
-    forward_rows(a, begin, end);
+    forward_rows<float, kBytes>(a, begin, end);
   }
 };
 
+template <int kBytes>
 struct WeightGradF32 {
   FASTVAE_ALWAYS_INLINE void operator()(const SparseLinearWeightGradArgs<float>& a, int64_t begin,
                                         int64_t end) const {
-    weight_grad_columns(a, begin, end);
+    weight_grad_columns<float, kBytes>(a, begin, end);
   }
 };
 
-void run(const SparseLinearForwardArgs<float>& a, int64_t begin, int64_t end) {
-  run_at_cpu_level<ForwardF32>(a, begin, end);
+// Kernel<register width in bytes> at cpu_level(), with that level's width.
+template <template <int> class Kernel, typename Args>
+void run_at_register_width(const Args& a, int64_t begin, int64_t end) {
+  switch (cpu_level()) {
+    case CpuLevel::kAvx512:
+      return run_avx512<Kernel<64>>(a, begin, end);
+    case CpuLevel::kAvx2:
+      return run_avx2<Kernel<32>>(a, begin, end);
+    default:
+      return run_baseline<Kernel<16>>(a, begin, end);
+  }
 }
-void run(const SparseLinearForwardArgs<double>& a, int64_t begin, int64_t end) { forward_rows(a, begin, end); }
+
+// float64 is for checking, not for speed: the baseline loops.
+void run(const SparseLinearForwardArgs<float>& a, int64_t begin, int64_t end) {
+  run_at_register_width<ForwardF32>(a, begin, end);
+}
+void run(const SparseLinearForwardArgs<double>& a, int64_t begin, int64_t end) {
+  forward_rows<double, 16>(a, begin, end);
+}
 void run(const SparseLinearWeightGradArgs<float>& a, int64_t begin, int64_t end) {
-  run_at_cpu_level<WeightGradF32>(a, begin, end);
+  run_at_register_width<WeightGradF32>(a, begin, end);
 }
 void run(const SparseLinearWeightGradArgs<double>& a, int64_t begin, int64_t end) {
-  weight_grad_columns(a, begin, end);
+  weight_grad_columns<double, 16>(a, begin, end);
 }
 
 template <typename T>
