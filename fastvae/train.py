@@ -32,6 +32,7 @@ from .evaluate import evaluate
 from .images import write_pictures
 from .metrics import METRICS_NAME, append_metrics, truncate_metrics
 from .model import VAE
+from .optim import clear_grads, fused_step
 from .schedule import LRSchedule, epochs_that_fit
 
 
@@ -109,6 +110,7 @@ class Trainer:
         self.num_batches = max(1, math.ceil(len(train_set) / config.batch_size))
         self.schedule = LRSchedule(self.optimizer, config.lr_schedule, config.lr, config.epochs * self.num_batches)
         self.named_parameters = list(self.model.named_parameters())
+        self.parameters = [p for _, p in self.named_parameters]
         # fp16 gradients can overflow: the scaler rescales them and skips the steps whose
         # gradients are not finite, so the gradient checks below leave those to it.
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
@@ -270,10 +272,10 @@ class Trainer:
         loss = -elbo_sum * (self.world.size / global_size)
         if check_now:
             self._check_finite(loss, out, f"epoch {epoch}, step {self.step + 1}")
-        self.optimizer.zero_grad(set_to_none=True)
+        clear_grads(self.parameters)
         if self.scaler is None:
             loss.backward()
-            self.optimizer.step()
+            fused_step(self.optimizer)
         else:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
