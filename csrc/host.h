@@ -277,6 +277,12 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
+// Rows of t seen as a matrix (..., last): the product of its leading dimensions. A reshape
+// to (-1, last) cannot infer it when last is 0.
+inline int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
 // sparse_input_linear_backward on a backend whose weight gradient is
 // weight_grad(grad2d, x2d) (both 2-D and contiguous): checks, the gradients of x
 // and bias (dense: a product and a sum), empty (0,) tensors for those not asked for.
@@ -288,10 +294,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_input_linear_grads(const a
   check_sparse_input_linear_backward_inputs(grad, x, weight);
   const NoAutocast no_autocast;
   const Guard guard(x.device());
-  const at::Tensor grad2d = grad.reshape({-1, weight.size(0)}).contiguous();
+  const int64_t rows = leading_rows(x);
+  const at::Tensor grad2d = grad.reshape({rows, weight.size(0)}).contiguous();
   const at::Tensor none = at::empty({0}, x.options());
   return {needs_grad_x ? at::mm(grad2d, weight).reshape(x.sizes()) : none,
-          needs_grad_weight ? weight_grad(grad2d, x.reshape({-1, x.size(-1)}).contiguous()) : none,
+          needs_grad_weight ? weight_grad(grad2d, x.reshape({rows, x.size(-1)}).contiguous()) : none,
           needs_grad_bias ? grad2d.sum(0) : none};
 }
 

@@ -6,7 +6,7 @@ check per parameter, grouping by device and dtype. In the MNIST training loop (7
 of 100, one thread) that took 300-600 us of a ~6 ms step, a few times what the same code costs when
 timed alone (the loop's matrices push it out of the caches). `fused_step` calls the same kernel
 (`torch._fused_adam_` / `torch._fused_adamw_`) with the same arguments on the optimizer's own state,
-so the update is bit-identical (tests/test_train.py checks it) and the optimizer object, its state
+so the update is bit-identical (tests/test_optim.py checks it) and the optimizer object, its state
 dict and its learning rate stay torch's. Anything it does not cover exactly goes to
 `optimizer.step()`: other optimizers, non-fused ones, the first step (torch creates the state),
 amsgrad, maximize, capturable, a tensor learning rate, a grad scaler, step hooks, mixed devices or
@@ -32,7 +32,8 @@ def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
 def _group_lists(optimizer: torch.optim.Optimizer, group: dict):
     """(params, grads, exp_avgs, exp_avg_sqs, steps) of a group, or None where the direct call
     would not be exactly what optimizer.step() does."""
-    if any(group.get(flag) for flag in _UNSUPPORTED_FLAGS) or isinstance(group["lr"], Tensor):
+    if not group.get("fused") or any(group.get(flag) for flag in _UNSUPPORTED_FLAGS) \
+            or isinstance(group["lr"], Tensor):
         return None
     params = [p for p in group["params"] if p.grad is not None]
     states = [optimizer.state.get(p) for p in params]
@@ -47,8 +48,8 @@ def _group_lists(optimizer: torch.optim.Optimizer, group: dict):
 def fused_step(optimizer: torch.optim.Optimizer) -> None:
     """optimizer.step() for a fused Adam or AdamW, without torch.optim's per-step Python."""
     groups = None
-    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and optimizer.defaults.get("fused") \
-            and not _has_step_hooks(optimizer) and getattr(optimizer, "grad_scale", None) is None:
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and not _has_step_hooks(optimizer) \
+            and getattr(optimizer, "grad_scale", None) is None:
         groups = [_group_lists(optimizer, group) for group in optimizer.param_groups]
     if groups is None or any(lists is None for lists in groups):
         optimizer.step()

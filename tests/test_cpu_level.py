@@ -45,12 +45,14 @@ PROBE = textwrap.dedent(
     out["bernoulli"] = [ll, logits.grad]
     probs = torch.rand(40, 3, 13, 21)  # 819 pixels a row: two Philox spans, the second ending mid-block
     out["binarize"] = [fastvae.ops.gather_bernoulli(probs, torch.tensor([39, 0, 5, 5]), seed=2**40 + 3), probs]
-    # Sparse linear: widths that leave partial vectors and 8 x 8 transposition tiles.
+    # Sparse linear: widths that leave partial vectors (193: the padding spans two AVX2 vectors)
+    # and partial 8 x 8 transposition tiles.
     x = (torch.rand(13, 37) < 0.2) * torch.randn(13, 37)
-    weight, bias = torch.randn(21, 37, requires_grad=True), torch.randn(21, requires_grad=True)
-    y = fastvae.sparse_input_linear(x, weight, bias)
-    y.backward(torch.randn_like(y))
-    out["sparse linear"] = [y, weight.grad, bias.grad, torch.nn.functional.linear(x, weight, bias)]
+    for width in (21, 193):
+        weight, bias = torch.randn(width, 37, requires_grad=True), torch.randn(width, requires_grad=True)
+        y = fastvae.sparse_input_linear(x, weight, bias)
+        y.backward(torch.randn_like(y))
+        out[f"sparse linear {width}"] = [y, weight.grad, bias.grad, torch.nn.functional.linear(x, weight, bias)]
     torch.save(out, sys.argv[1])
     """
 )
@@ -114,8 +116,9 @@ def test_every_level_binarizes_exactly_as_the_reference(results):
 
 def test_every_level_computes_the_sparse_linear_layer(results):
     for level, out in results.items():
-        y, _, _, dense = out["sparse linear"]
-        torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5, msg=level)
+        for width in (21, 193):
+            y, _, _, dense = out[f"sparse linear {width}"]
+            torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5, msg=f"{level}, width {width}")
 
 
 def test_levels_agree_within_float_rounding(results):

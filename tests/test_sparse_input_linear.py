@@ -34,7 +34,8 @@ def grads_of(fn, x, weight, bias, grad_out):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("density", [0.0, 0.05, SPARSE, DENSE, 1.0])
-@pytest.mark.parametrize("shape, out", [((13, 37), 21), ((2, 3, 37), 64), ((100, 784), 200), ((5, 9), 1)])
+@pytest.mark.parametrize("shape, out", [((13, 37), 21), ((2, 3, 37), 64), ((100, 784), 200), ((5, 9), 1),
+                                        ((7, 70), 193), ((7, 70), 15)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_values_and_gradients_match_linear(device, density, shape, out, bias):
     x, weight, b = sample_inputs(device, density=density, shape=shape, out=out, bias=bias)
@@ -92,6 +93,17 @@ def test_half_precision_runs_the_dense_product(dtype):
     got = ops.sparse_input_linear(x.to(dtype), weight.to(dtype), b.to(dtype))
     assert got.dtype == dtype
     torch.testing.assert_close(got, F.linear(x.to(dtype), weight.to(dtype), b.to(dtype)))
+
+
+@pytest.mark.parametrize("in_features, out_features", [(0, 5), (7, 0)])
+def test_empty_features(in_features, out_features):
+    x = torch.ones(3, in_features)
+    weight = torch.ones(out_features, in_features, requires_grad=True)
+    bias = torch.ones(out_features, requires_grad=True)
+    y = ops.sparse_input_linear(x, weight, bias)
+    assert torch.equal(y, F.linear(x, weight, bias))
+    y.sum().backward()
+    assert weight.grad.shape == weight.shape and torch.equal(bias.grad, torch.full_like(bias, 3.0))
 
 
 def test_empty_batch():

@@ -33,9 +33,6 @@ namespace {
 // (benchmarks/README.md, "A sparse first layer").
 constexpr double kMaxSparseDensity = 0.3;
 
-// Square tiles of the transpositions (a tile of float64 is 2 KiB: both sides stay in L1).
-constexpr int64_t kTile = 16;
-
 #define FASTVAE_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 // kBytes of T as one GCC vector. Each level uses its own register width (64 bytes
@@ -139,10 +136,11 @@ FASTVAE_ALWAYS_INLINE void sum_rows_blocked(const T* start, const T* rows, int64
   constexpr int64_t kLanes = Vec<T, kBytes>::kLanes, kBlock = kBlockVecs * kLanes;
   auto at = [](const T* p, int64_t o) { return p != nullptr ? p + o : nullptr; };
   int64_t o = 0;
-  for (; o + kBlock <= stride; o += kBlock) {
-    sum_rows<T, kBytes, kBlockVecs>(at(start, o), rows + o, stride, index, value, count, out + o, std::min(kBlock, keep - o));
+  for (; o + kBlock <= stride && o < keep; o += kBlock) {
+    sum_rows<T, kBytes, kBlockVecs>(at(start, o), rows + o, stride, index, value, count, out + o,
+                                    std::min(kBlock, keep - o));
   }
-  for (; o < stride; o += kLanes) {
+  for (; o < keep; o += kLanes) {  // vectors past `keep` (the padding) are not computed
     sum_rows<T, kBytes, 1>(at(start, o), rows + o, stride, index, value, count, out + o, std::min(kLanes, keep - o));
   }
 }
@@ -153,7 +151,8 @@ FASTVAE_ALWAYS_INLINE void forward_rows(const SparseLinearForwardArgs<T>& a, int
   std::vector<T> value(a.in);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t count = list_nonzeros(a.x + r * a.in, a.in, index.data(), value.data());
-    sum_rows_blocked<T, kBytes>(a.bias, a.weight_t, a.stride, index.data(), value.data(), count, a.y + r * a.out, a.out);
+    sum_rows_blocked<T, kBytes>(a.bias, a.weight_t, a.stride, index.data(), value.data(), count, a.y + r * a.out,
+                                a.out);
   }
 }
 
@@ -181,8 +180,9 @@ FASTVAE_ALWAYS_INLINE void weight_grad_columns(const SparseLinearWeightGradArgs<
     }
   }
   for (int64_t j = 0; j < cols; ++j) {
-    sum_rows_blocked<T, kBytes>(nullptr, a.grad, a.stride, by_column_row.data() + first[j], by_column_value.data() + first[j],
-                        first[j + 1] - first[j], a.grad_weight_t + (begin + j) * a.stride, a.stride);
+    sum_rows_blocked<T, kBytes>(nullptr, a.grad, a.stride, by_column_row.data() + first[j],
+                                by_column_value.data() + first[j], first[j + 1] - first[j],
+                                a.grad_weight_t + (begin + j) * a.stride, a.stride);
   }
 }
 
@@ -318,7 +318,7 @@ bool sparse_pays(const at::Tensor& x2d) {
 at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   check_sparse_input_linear_inputs(x, weight, bias);
   const NoAutocast no_autocast;
-  const at::Tensor x2d = x.reshape({-1, x.size(-1)}).contiguous();
+  const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)}).contiguous();
   if (!sparse_pays(x2d)) return at::linear(x, weight, bias);
   const int64_t in = weight.size(1), out = weight.size(0);
   std::vector<int64_t> shape = x.sizes().vec();
@@ -327,7 +327,8 @@ at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& weight, co
   cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastvae::sparse_input_linear", [&] {
     const int64_t stride = padded<scalar_t>(out);
-    at::Tensor weight_t = at::zeros({in, stride}, weight.options());
+    at::Tensor weight_t = at::empty({in, stride}, weight.options());
+    weight_t.narrow(1, out, stride - out).zero_();  // the padding; the transposition writes the rest
     at::Tensor padded_bias = at::zeros({stride}, weight.options());
     if (bias.has_value()) padded_bias.narrow(0, 0, out).copy_(*bias);
     transpose(weight.contiguous().data_ptr<scalar_t>(), out, in, in, weight_t.data_ptr<scalar_t>(), stride);
