@@ -122,8 +122,8 @@ inline void check_sparse_input_linear_backward_inputs(const at::Tensor& grad, co
   check_same(grad, x, "grad", "x");
   std::vector<int64_t> expected = x.sizes().vec();
   expected.back() = weight.size(0);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef(expected), "fastvae: grad must have the output's shape ", at::IntArrayRef(expected),
-              ", got ", grad.sizes());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(expected), "fastvae: grad must have the output's shape ",
+              at::IntArrayRef(expected), ", got ", grad.sizes());
 }
 
 // Output dtype of per-row sums: float32 for half inputs (they accumulate in

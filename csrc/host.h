@@ -283,28 +283,44 @@ inline int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
-// sparse_input_linear_backward on a backend whose weight gradient is
-// weight_grad(grad2d, x2d) (both 2-D and contiguous): checks, the gradients of x
-// and bias (dense: a product and a sum), empty (0,) tensors for those not asked for.
-template <typename Guard, typename WeightGrad>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_input_linear_grads(const at::Tensor& grad, const at::Tensor& x,
-                                                                        const at::Tensor& weight, bool needs_grad_x,
-                                                                        bool needs_grad_weight, bool needs_grad_bias,
-                                                                        const WeightGrad& weight_grad) {
-  check_sparse_input_linear_backward_inputs(grad, x, weight);
-  const NoAutocast no_autocast;
-  const Guard guard(x.device());
-  const int64_t rows = leading_rows(x);
-  const at::Tensor grad2d = grad.reshape({rows, weight.size(0)}).contiguous();
-  const at::Tensor none = at::empty({0}, x.options());
-  return {needs_grad_x ? at::mm(grad2d, weight).reshape(x.sizes()) : none,
-          needs_grad_weight ? weight_grad(grad2d, x.reshape({rows, x.size(-1)}).contiguous()) : none,
-          needs_grad_bias ? grad2d.sum(0) : none};
-}
-
 // The device guard of a backend without devices to switch (CPU).
 struct NoDeviceGuard {
   explicit NoDeviceGuard(c10::Device) {}
+};
+
+// The two sparse_input_linear ops on one backend, which supplies Backend::linear(x,
+// weight, bias) (the forward), Backend::weight_grad(grad2d, x2d) (both 2-D and
+// contiguous) and Backend::Guard(device). Checks, autocast, the gradients of x and
+// bias (a dense product and a sum) and the empty (0,) tensors for gradients not
+// asked for are shared here, as HeadOps does for the fused head (head.h).
+template <class Backend>
+struct SparseInputLinearOps {
+  static at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+    check_sparse_input_linear_inputs(x, weight, bias);
+    const NoAutocast no_autocast;
+    const typename Backend::Guard guard(x.device());
+    return Backend::linear(x, weight, bias);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                 const at::Tensor& weight, bool needs_grad_x,
+                                                                 bool needs_grad_weight, bool needs_grad_bias) {
+    check_sparse_input_linear_backward_inputs(grad, x, weight);
+    const NoAutocast no_autocast;
+    const typename Backend::Guard guard(x.device());
+    const int64_t rows = leading_rows(x);
+    const at::Tensor grad2d = grad.reshape({rows, weight.size(0)}).contiguous();
+    const at::Tensor none = at::empty({0}, x.options());
+    return {needs_grad_x ? at::mm(grad2d, weight).reshape(x.sizes()) : none,
+            needs_grad_weight ? Backend::weight_grad(grad2d, x.reshape({rows, x.size(-1)}).contiguous()) : none,
+            needs_grad_bias ? grad2d.sum(0) : none};
+  }
+
+  template <class Library>
+  static void register_kernels(Library& m) {
+    m.impl("sparse_input_linear", &forward);
+    m.impl("sparse_input_linear_backward", &backward);
+  }
 };
 
 // The ops of likelihood D (traits in csrc/fastvae.h) on one backend, which

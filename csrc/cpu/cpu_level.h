@@ -66,5 +66,21 @@ void run_at_cpu_level(const Args& args, int64_t begin, int64_t end) {
   }
 }
 
+// Runs Kernel<kBytes>, kBytes the vector register width of cpu_level() (64 at AVX-512,
+// 32 at AVX2, 16 at the baseline), over [begin, end): for loops written with GCC
+// vectors, which GCC splits through the stack when they are wider than the level's
+// registers.
+template <template <int> class Kernel, typename Args>
+void run_at_register_width(const Args& args, int64_t begin, int64_t end) {
+  switch (cpu_level()) {
+    case CpuLevel::kAvx512:
+      return run_avx512<Kernel<64>>(args, begin, end);
+    case CpuLevel::kAvx2:
+      return run_avx2<Kernel<32>>(args, begin, end);
+    default:
+      return run_baseline<Kernel<16>>(args, begin, end);
+  }
+}
+
 }  // namespace cpu
 }  // namespace fastvae

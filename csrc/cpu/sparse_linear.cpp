@@ -21,7 +21,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "../checks.h"
 #include "../host.h"
 #include "cpu_loops.h"
 
@@ -33,8 +32,6 @@ namespace {
 // (benchmarks/README.md, "A sparse first layer").
 constexpr double kMaxSparseDensity = 0.3;
 
-#define FASTVAE_ALWAYS_INLINE __attribute__((always_inline)) inline
-
 // kBytes of T as one GCC vector. Each level uses its own register width (64 bytes
 // at AVX-512, 32 at AVX2, 16 at the baseline): GCC splits a vector wider than the
 // level's registers through the stack, which made the AVX2 loops 4x slower.
@@ -45,14 +42,14 @@ struct Vec {
 };
 
 template <typename T, int kBytes>
-FASTVAE_ALWAYS_INLINE typename Vec<T, kBytes>::type load(const T* p) {
+FASTVAE_FN typename Vec<T, kBytes>::type load(const T* p) {
   typename Vec<T, kBytes>::type v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
 template <typename T, int kBytes>
-FASTVAE_ALWAYS_INLINE void store(T* p, typename Vec<T, kBytes>::type v) {
+FASTVAE_FN void store(T* p, typename Vec<T, kBytes>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
@@ -90,7 +87,7 @@ struct SparseLinearWeightGradArgs {
 // (a loop without branches), then one step per set bit. A branch per element
 // would mispredict at every edge of an image's strokes.
 template <typename T>
-FASTVAE_ALWAYS_INLINE int64_t list_nonzeros(const T* row, int64_t n, int32_t* index, T* value) {
+FASTVAE_FN int64_t list_nonzeros(const T* row, int64_t n, int32_t* index, T* value) {
   int64_t count = 0;
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t width = std::min<int64_t>(64, n - j0);
@@ -108,7 +105,7 @@ FASTVAE_ALWAYS_INLINE int64_t list_nonzeros(const T* row, int64_t n, int32_t* in
 // out[0, kVecs vectors) = start (nullptr: zeros) + sum_k value[k] * rows[index[k]], rows
 // `stride` apart; only the first `keep` elements are written.
 template <typename T, int kBytes, int64_t kVecs>
-FASTVAE_ALWAYS_INLINE void sum_rows(const T* start, const T* rows, int64_t stride, const int32_t* index,
+FASTVAE_FN void sum_rows(const T* start, const T* rows, int64_t stride, const int32_t* index,
                                     const T* value, int64_t count, T* out, int64_t keep) {
   using V = typename Vec<T, kBytes>::type;
   constexpr int64_t kLanes = Vec<T, kBytes>::kLanes;
@@ -131,7 +128,7 @@ FASTVAE_ALWAYS_INLINE void sum_rows(const T* start, const T* rows, int64_t strid
 // out[0, keep) = start + sum_k value[k] * rows[index[k]] (rows `stride` apart, padded to whole
 // vectors), block of output columns by block.
 template <typename T, int kBytes>
-FASTVAE_ALWAYS_INLINE void sum_rows_blocked(const T* start, const T* rows, int64_t stride, const int32_t* index,
+FASTVAE_FN void sum_rows_blocked(const T* start, const T* rows, int64_t stride, const int32_t* index,
                                             const T* value, int64_t count, T* out, int64_t keep) {
   constexpr int64_t kLanes = Vec<T, kBytes>::kLanes, kBlock = kBlockVecs * kLanes;
   auto at = [](const T* p, int64_t o) { return p != nullptr ? p + o : nullptr; };
@@ -146,7 +143,7 @@ FASTVAE_ALWAYS_INLINE void sum_rows_blocked(const T* start, const T* rows, int64
 }
 
 template <typename T, int kBytes>
-FASTVAE_ALWAYS_INLINE void forward_rows(const SparseLinearForwardArgs<T>& a, int64_t begin, int64_t end) {
+FASTVAE_FN void forward_rows(const SparseLinearForwardArgs<T>& a, int64_t begin, int64_t end) {
   std::vector<int32_t> index(a.in);
   std::vector<T> value(a.in);
   for (int64_t r = begin; r < end; ++r) {
@@ -161,7 +158,7 @@ FASTVAE_ALWAYS_INLINE void forward_rows(const SparseLinearForwardArgs<T>& a, int
 // column (counting sort), so that each row of grad_W^T is summed in registers and
 // written once.
 template <typename T, int kBytes>
-FASTVAE_ALWAYS_INLINE void weight_grad_columns(const SparseLinearWeightGradArgs<T>& a, int64_t begin, int64_t end) {
+FASTVAE_FN void weight_grad_columns(const SparseLinearWeightGradArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t cols = end - begin;
   std::vector<int32_t> index(cols), by_column_row(a.rows * cols), first(cols + 1, 0);
   std::vector<T> value(cols), by_column_value(a.rows * cols);
@@ -188,31 +185,18 @@ FASTVAE_ALWAYS_INLINE void weight_grad_columns(const SparseLinearWeightGradArgs<
 
 template <int kBytes>
 struct ForwardF32 {
-  FASTVAE_ALWAYS_INLINE void operator()(const SparseLinearForwardArgs<float>& a, int64_t begin, int64_t end) const {
+  FASTVAE_FN void operator()(const SparseLinearForwardArgs<float>& a, int64_t begin, int64_t end) const {
     forward_rows<float, kBytes>(a, begin, end);
   }
 };
 
 template <int kBytes>
 struct WeightGradF32 {
-  FASTVAE_ALWAYS_INLINE void operator()(const SparseLinearWeightGradArgs<float>& a, int64_t begin,
+  FASTVAE_FN void operator()(const SparseLinearWeightGradArgs<float>& a, int64_t begin,
                                         int64_t end) const {
     weight_grad_columns<float, kBytes>(a, begin, end);
   }
 };
-
-// Kernel<register width in bytes> at cpu_level(), with that level's width.
-template <template <int> class Kernel, typename Args>
-void run_at_register_width(const Args& a, int64_t begin, int64_t end) {
-  switch (cpu_level()) {
-    case CpuLevel::kAvx512:
-      return run_avx512<Kernel<64>>(a, begin, end);
-    case CpuLevel::kAvx2:
-      return run_avx2<Kernel<32>>(a, begin, end);
-    default:
-      return run_baseline<Kernel<16>>(a, begin, end);
-  }
-}
 
 // float64 is for checking, not for speed: the baseline loops.
 void run(const SparseLinearForwardArgs<float>& a, int64_t begin, int64_t end) {
@@ -237,7 +221,7 @@ struct TransposeArgs {
 
 // dst[c][r] = src[r][c] for the 8 x 8 tile at src, in registers: three rounds of
 // shuffles of row pairs (the classic unpack / shuffle / permute transposition).
-FASTVAE_ALWAYS_INLINE void transpose_tile8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
+FASTVAE_FN void transpose_tile8(const float* src, int64_t src_stride, float* dst, int64_t dst_stride) {
   typedef float V8 __attribute__((vector_size(32)));
   typedef int I8 __attribute__((vector_size(32)));
   V8 a[8], t[8], u[8];
@@ -263,7 +247,7 @@ FASTVAE_ALWAYS_INLINE void transpose_tile8(const float* src, int64_t src_stride,
 // Rows [8 * begin, 8 * end) of src, transposed into dst: 8 x 8 tiles in registers
 // for float32, element by element at the edges and for float64.
 template <typename T>
-FASTVAE_ALWAYS_INLINE void transpose_rows(const TransposeArgs<T>& a, int64_t begin, int64_t end) {
+FASTVAE_FN void transpose_rows(const TransposeArgs<T>& a, int64_t begin, int64_t end) {
   for (int64_t r0 = 8 * begin; r0 < std::min(a.rows, 8 * end); r0 += 8) {
     const int64_t r1 = std::min(a.rows, r0 + 8);
     int64_t c0 = 0;
@@ -281,7 +265,7 @@ FASTVAE_ALWAYS_INLINE void transpose_rows(const TransposeArgs<T>& a, int64_t beg
 }
 
 struct TransposeF32 {
-  FASTVAE_ALWAYS_INLINE void operator()(const TransposeArgs<float>& a, int64_t begin, int64_t end) const {
+  FASTVAE_FN void operator()(const TransposeArgs<float>& a, int64_t begin, int64_t end) const {
     transpose_rows(a, begin, end);
   }
 };
@@ -315,64 +299,55 @@ bool sparse_pays(const at::Tensor& x2d) {
   return static_cast<double>(nonzero) <= kMaxSparseDensity * static_cast<double>(x2d.numel());
 }
 
-at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_sparse_input_linear_inputs(x, weight, bias);
-  const NoAutocast no_autocast;
-  const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)}).contiguous();
-  if (!sparse_pays(x2d)) return at::linear(x, weight, bias);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = out;
-  at::Tensor y = at::empty(shape, x.options());
-  cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastvae::sparse_input_linear", [&] {
-    const int64_t stride = padded<scalar_t>(out);
-    at::Tensor weight_t = at::empty({in, stride}, weight.options());
-    weight_t.narrow(1, out, stride - out).zero_();  // the padding; the transposition writes the rest
-    at::Tensor padded_bias = at::zeros({stride}, weight.options());
-    if (bias.has_value()) padded_bias.narrow(0, 0, out).copy_(*bias);
-    transpose(weight.contiguous().data_ptr<scalar_t>(), out, in, in, weight_t.data_ptr<scalar_t>(), stride);
-    const SparseLinearForwardArgs<scalar_t> args{x2d.data_ptr<scalar_t>(), weight_t.data_ptr<scalar_t>(),
-                                                 padded_bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), in, out,
-                                                 stride};
-    parallel_rows(x2d.size(0), in, kElementsPerTask, [&](int64_t begin, int64_t end) { run(args, begin, end); });
-  });
-  return y;
-}
+// The forward and the weight gradient of SparseInputLinearOps (host.h) on the CPU.
+struct CpuSparseLinearBackend {
+  using Guard = NoDeviceGuard;
 
-at::Tensor weight_grad(const at::Tensor& grad2d, const at::Tensor& x2d) {
-  if (!sparse_pays(x2d)) return at::mm(grad2d.t(), x2d);
-  const int64_t rows = x2d.size(0), in = x2d.size(1), out = grad2d.size(1);
-  at::Tensor grad_weight = at::empty({out, in}, x2d.options());
-  AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "fastvae::sparse_input_linear_backward", [&] {
-    const int64_t stride = padded<scalar_t>(out);
-    at::Tensor padded_grad = at::zeros({rows, stride}, grad2d.options());
-    padded_grad.narrow(1, 0, out).copy_(grad2d);
-    at::Tensor grad_weight_t = at::empty({in, stride}, x2d.options());
-    const SparseLinearWeightGradArgs<scalar_t> args{x2d.data_ptr<scalar_t>(), padded_grad.data_ptr<scalar_t>(),
-                                                    grad_weight_t.data_ptr<scalar_t>(), rows, in, stride};
-    parallel_rows(in, rows * out, kElementsPerTask, [&](int64_t begin, int64_t end) { run(args, begin, end); });
-    transpose(grad_weight_t.data_ptr<scalar_t>(), in, out, stride, grad_weight.data_ptr<scalar_t>(), in);
-  });
-  return grad_weight;
-}
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+    const at::Tensor x2d = x.reshape({leading_rows(x), x.size(-1)}).contiguous();
+    if (!sparse_pays(x2d)) return at::linear(x, weight, bias);
+    const int64_t in = weight.size(1), out = weight.size(0);
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = out;
+    at::Tensor y = at::empty(shape, x.options());
+    cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastvae::sparse_input_linear", [&] {
+      const int64_t stride = padded<scalar_t>(out);
+      at::Tensor weight_t = at::empty({in, stride}, weight.options());
+      weight_t.narrow(1, out, stride - out).zero_();  // the padding; the transposition writes the rest
+      at::Tensor padded_bias = at::zeros({stride}, weight.options());
+      if (bias.has_value()) padded_bias.narrow(0, 0, out).copy_(*bias);
+      transpose(weight.contiguous().data_ptr<scalar_t>(), out, in, in, weight_t.data_ptr<scalar_t>(), stride);
+      const SparseLinearForwardArgs<scalar_t> args{x2d.data_ptr<scalar_t>(), weight_t.data_ptr<scalar_t>(),
+                                                   padded_bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), in, out,
+                                                   stride};
+      parallel_rows(x2d.size(0), in, kElementsPerTask, [&](int64_t begin, int64_t end) { run(args, begin, end); });
+    });
+    return y;
+  }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_input_linear_backward(const at::Tensor& grad,
-                                                                          const at::Tensor& x,
-                                                                          const at::Tensor& weight,
-                                                                          bool needs_grad_x, bool needs_grad_weight,
-                                                                          bool needs_grad_bias) {
-  cpu_level();
-  return sparse_input_linear_grads<NoDeviceGuard>(grad, x, weight, needs_grad_x, needs_grad_weight, needs_grad_bias,
-                                                  &weight_grad);
-}
+  static at::Tensor weight_grad(const at::Tensor& grad2d, const at::Tensor& x2d) {
+    if (!sparse_pays(x2d)) return at::mm(grad2d.t(), x2d);
+    const int64_t rows = x2d.size(0), in = x2d.size(1), out = grad2d.size(1);
+    at::Tensor grad_weight = at::empty({out, in}, x2d.options());
+    cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
+    AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "fastvae::sparse_input_linear_backward", [&] {
+      const int64_t stride = padded<scalar_t>(out);
+      at::Tensor padded_grad = at::zeros({rows, stride}, grad2d.options());
+      padded_grad.narrow(1, 0, out).copy_(grad2d);
+      at::Tensor grad_weight_t = at::empty({in, stride}, x2d.options());
+      const SparseLinearWeightGradArgs<scalar_t> args{x2d.data_ptr<scalar_t>(), padded_grad.data_ptr<scalar_t>(),
+                                                      grad_weight_t.data_ptr<scalar_t>(), rows, in, stride};
+      parallel_rows(in, rows * out, kElementsPerTask, [&](int64_t begin, int64_t end) { run(args, begin, end); });
+      transpose(grad_weight_t.data_ptr<scalar_t>(), in, out, stride, grad_weight.data_ptr<scalar_t>(), in);
+    });
+    return grad_weight;
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
-  m.impl("sparse_input_linear", &sparse_input_linear);
-  m.impl("sparse_input_linear_backward", &sparse_input_linear_backward);
-}
+TORCH_LIBRARY_IMPL(fastvae, CPU, m) { SparseInputLinearOps<CpuSparseLinearBackend>::register_kernels(m); }
 
 }  // namespace cpu
 }  // namespace fastvae

@@ -8,36 +8,26 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../checks.h"
 #include "../host.h"
 
 namespace fastvae {
 namespace gpu {
 namespace {
 
-at::Tensor sparse_input_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_sparse_input_linear_inputs(x, weight, bias);
-  const NoAutocast no_autocast;
-  const c10::cuda::CUDAGuard guard(x.device());
-  return at::linear(x, weight, bias);
-}
+// The forward and the weight gradient of SparseInputLinearOps (host.h) on the GPU.
+struct CudaSparseLinearBackend {
+  using Guard = c10::cuda::CUDAGuard;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_input_linear_backward(const at::Tensor& grad,
-                                                                          const at::Tensor& x,
-                                                                          const at::Tensor& weight,
-                                                                          bool needs_grad_x, bool needs_grad_weight,
-                                                                          bool needs_grad_bias) {
-  return sparse_input_linear_grads<c10::cuda::CUDAGuard>(
-      grad, x, weight, needs_grad_x, needs_grad_weight, needs_grad_bias,
-      [](const at::Tensor& grad2d, const at::Tensor& x2d) { return at::mm(grad2d.t(), x2d); });
-}
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+    return at::linear(x, weight, bias);
+  }
+
+  static at::Tensor weight_grad(const at::Tensor& grad2d, const at::Tensor& x2d) { return at::mm(grad2d.t(), x2d); }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastvae, CUDA, m) {
-  m.impl("sparse_input_linear", &sparse_input_linear);
-  m.impl("sparse_input_linear_backward", &sparse_input_linear_backward);
-}
+TORCH_LIBRARY_IMPL(fastvae, CUDA, m) { SparseInputLinearOps<CudaSparseLinearBackend>::register_kernels(m); }
 
 }  // namespace gpu
 }  // namespace fastvae
