@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from fastvae import ops
-from fastvae.model import VAE
+from fastvae.models.vae import VAE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import saved_bytes  # noqa: E402

@@ -1,8 +1,8 @@
 """End to end: one training step of the same MLP VAE (784-200-200-50, tanh, batch 100, Adam).
 
-fastvae: fastvae.model.VAE on the fused ops, stepped by fastvae.train.Trainer's own step code.
+fastvae: fastvae.models.vae.VAE on the fused ops, stepped by fastvae.training.trainer.Trainer's own step code.
 plain:   benchmarks/plain_vae.py, the canonical PyTorch example's model and loss.
-model-eager / model-compile: fastvae.model.VAE stepped by a plain loop (loss, backward,
+model-eager / model-compile: fastvae.models.vae.VAE stepped by a plain loop (loss, backward,
          Adam), eagerly and as torch.compile(model, fullgraph=True); the noise is drawn
          from torch's default generator inside the compiled graph, no seed passed.
 Both see the same dynamically binarized MNIST minibatches (or random binary images when
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae import data as data_lib
-from fastvae.config import TrainConfig
-from fastvae.model import VAE
-from fastvae.train import Trainer
+from fastvae.io import data as data_lib
+from fastvae.training.config import TrainConfig
+from fastvae.models.vae import VAE
+from fastvae.training.trainer import Trainer
 from plain_vae import PlainVAE, plain_loss
 
 BATCH = 100

@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_vae import PlainVAE, plain_loss  # noqa: E402
 
-from fastvae import data as data_lib  # noqa: E402
-from fastvae.config import TrainConfig  # noqa: E402
-from fastvae.train import Trainer  # noqa: E402
+from fastvae.io import data as data_lib  # noqa: E402
+from fastvae.training.config import TrainConfig  # noqa: E402
+from fastvae.training.trainer import Trainer  # noqa: E402
 
 BATCH = 100
 DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -192,7 +192,7 @@ CATEGORIES = {
 }
 
 
-# The fused optimizer kernels fastvae's trainer calls without Optimizer.step (fastvae/optim.py).
+# The fused optimizer kernels fastvae's trainer calls without Optimizer.step (fastvae/training/optim.py).
 DIRECT_OPTIMIZER_OPS = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_foreach_add_")
 
 

@@ -4,7 +4,7 @@
 // Why C++ and not torch.library.register_autograd in Python: for small latent
 // layers (B=128, D=32) a Python autograd.Function costs more than the whole
 // fused kernel. Each backward is an op of its own (with its own fake in
-// fastvae/ops.py), so torch.compile and AOTAutograd trace through this code.
+// fastvae/ops/_fakes.py), so torch.compile and AOTAutograd trace through this code.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

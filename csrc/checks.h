@@ -2,7 +2,7 @@
 //
 // Every op validates at the boundary, with a message that names the argument
 // and what was expected, so that a direct torch.ops.fastvae.* call can never
-// read out of bounds. The Python fakes (fastvae/ops.py) mirror these checks
+// read out of bounds. The Python fakes (fastvae/ops/_fakes.py) mirror these checks
 // for tracing.
 #pragma once
 

@@ -2,12 +2,12 @@
 //
 // The kernels live in cpu/ and cuda/ (TORCH_LIBRARY_IMPL per dispatch key),
 // the autograd formulas in autograd.cpp, and the fake (meta) implementations
-// used by torch.compile in fastvae/ops.py.
+// used by torch.compile in fastvae/ops/_fakes.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastvae, m) {
   // Fakes are registered from Python; tell the dispatcher where to find them.
-  m.set_python_module("fastvae.ops");
+  m.set_python_module("fastvae.ops._fakes");
 
   // z = mu + exp(0.5*logvar)*eps for num_samples = L draws, and the per-row
   // sums kl (B), log_q (L,B), log_p (L,B). num_samples=None: one draw and no

@@ -80,8 +80,8 @@ def _json_object(text: str) -> dict:
 
 
 def cmd_train(args) -> int:
-    from . import distributed
-    from .config import TrainConfig
+    from .training import distributed
+    from .training.config import TrainConfig
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
 def _train(config, resume: bool):
     """Train and return (epoch, out_dir): the trainer, and with it the DDP model, is freed on return,
     before the process group is left."""
-    from .train import train
+    from .training.trainer import train
 
     trainer, _ = train(config, resume=resume)
     return trainer.epoch, trainer.out_dir
@@ -115,7 +115,7 @@ def explicit_train_options(argv: list[str]) -> set[str]:
 
 def _check_resume_flags(config, explicit: set[str]) -> None:
     """Refuse a --resume whose flags contradict the run's checkpoint; say what applies."""
-    from .train import RESUMABLE_FIELDS, resume_conflicts, resumed_config
+    from .training.trainer import RESUMABLE_FIELDS, resume_conflicts, resumed_config
 
     run = resumed_config(config)
     flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(config)}
@@ -137,8 +137,8 @@ def _check_resume_flags(config, explicit: set[str]) -> None:
 def _binarizer(model, train_config: dict | None, seed: int):
     """Binarize evaluation data as the run's training data was (a model without its training
     configuration: as `fastvae train` would for its likelihood)."""
-    from . import data as data_lib
-    from .config import TrainConfig
+    from .io import data as data_lib
+    from .training.config import TrainConfig
 
     mode = TrainConfig.from_dict({"likelihood": model.likelihood, **(train_config or {})}).binarize_mode
     generator = torch.Generator().manual_seed(seed)
@@ -148,9 +148,9 @@ def _binarizer(model, train_config: dict | None, seed: int):
 def cmd_eval(args) -> int:
     from tqdm.auto import tqdm
 
-    from . import data as data_lib
-    from .evaluate import evaluate
-    from .export import load_any
+    from .io import data as data_lib
+    from .training.evaluate import evaluate
+    from .io.export import load_any
 
     model, train_config = load_any(args.model)
     dataset = _dataset(args, train_config)
@@ -167,7 +167,7 @@ def cmd_eval(args) -> int:
 
 def _dataset(args, train_config: dict | None):
     """--data, else the data set the model was trained on."""
-    from . import data as data_lib
+    from .io import data as data_lib
 
     source = args.data or (train_config or {}).get("data")
     if source is None:
@@ -176,7 +176,7 @@ def _dataset(args, train_config: dict | None):
 
 
 def _condition_vector(text: str | None, model):
-    from . import data as data_lib
+    from .io import data as data_lib
 
     if text is None:
         if model.condition_dim:
@@ -197,9 +197,9 @@ def _condition_vector(text: str | None, model):
 
 
 def cmd_sample(args) -> int:
-    from . import images
-    from .export import load_any
-    from .images import image_scale
+    from .io import images
+    from .io.export import load_any
+    from .io.images import image_scale
 
     model, _ = load_any(args.model)
     generator = torch.Generator().manual_seed(args.seed)
@@ -219,10 +219,10 @@ def cmd_sample(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from . import data as data_lib
-    from . import images
-    from .export import load_any
-    from .images import image_scale
+    from .io import data as data_lib
+    from .io import images
+    from .io.export import load_any
+    from .io.images import image_scale
 
     model, train_config = load_any(args.model)
     dataset = _dataset(args, train_config)
@@ -235,8 +235,8 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from .export import load_any
-    from .images import save_interpolation_grid
+    from .io.export import load_any
+    from .io.images import save_interpolation_grid
 
     model, train_config = load_any(args.model)
     dataset = _dataset(args, train_config)
@@ -250,8 +250,8 @@ def cmd_interpolate(args) -> int:
 
 
 def cmd_traverse(args) -> int:
-    from .export import load_any
-    from .images import save_traversal_grid
+    from .io.export import load_any
+    from .io.images import save_traversal_grid
 
     model, train_config = load_any(args.model)
     dataset = _dataset(args, train_config)
@@ -267,7 +267,7 @@ def cmd_traverse(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from .io.export import export_run
 
     path = export_run(args.model, args.out)
     print(f"wrote {path / 'model.safetensors'} and {path / 'config.json'}; load with fastvae.load({str(path)!r})")
@@ -275,7 +275,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import likelihoods, objectives, registry
+    from .models import likelihoods, objectives, registry
 
     print("\n\n".join([registry.format_table(), likelihoods.format_table(), objectives.format_table()]))
     return 0
@@ -321,7 +321,7 @@ def add_train_parser(sub) -> None:
 
 
 def add_train_options(p, defaults: bool = True) -> None:
-    from .config import TrainConfig
+    from .training.config import TrainConfig
 
     unset = {} if defaults else {"default": argparse.SUPPRESS}
     add_config_options(p, TrainConfig, defaults)
@@ -342,7 +342,7 @@ def _model_parser(sub, name: str, help: str):
 
 
 def _data_options(p) -> None:
-    from .data import SPLITS
+    from .io.data import SPLITS
 
     p.add_argument("--data", default=None, help="data source (default: the one the model was trained on)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split of the data")

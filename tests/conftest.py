@@ -14,7 +14,7 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fastvae import likelihoods, objectives, registry
+from fastvae.models import likelihoods, objectives, registry
 
 # deadline=None: the first call of an op shape can be slow on a loaded machine (allocation,
 # thread start-up); a timing limit would fail correct code.

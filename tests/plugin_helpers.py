@@ -4,7 +4,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
-from fastvae import registry
+from fastvae.models import registry
 
 TOY_PLUGIN = Path(__file__).parent / "plugin_fixture" / "fastvae_toy_plugin"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastvae.registry import build_decoder, build_encoder
+from fastvae.models.registry import build_decoder, build_encoder
 
 LATENT = 3
 CONDITION = 4

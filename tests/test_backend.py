@@ -62,7 +62,7 @@ def test_backend_is_reported():
 def test_fallback_draws_the_same_noise_as_the_extension():
     import torch
 
-    from fastvae import reference
+    from fastvae.ops import reference
 
     mu, logvar = torch.randn(4, 9), torch.randn(4, 9)
     fused = fastvae.latent_terms(mu, logvar, 2, seed=77)

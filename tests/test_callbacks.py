@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from fastvae import data as data_lib
-from fastvae.callbacks import Callback, TensorBoardLogger, scalar_tag
-from fastvae.config import TrainConfig
-from fastvae.train import Trainer, split_validation, train
+from fastvae.io import data as data_lib
+from fastvae.training.callbacks import Callback, TensorBoardLogger, scalar_tag
+from fastvae.training.config import TrainConfig
+from fastvae.training.trainer import Trainer, split_validation, train
 
 
 def small_config(tmp_path, **overrides):

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from fastvae import cli
-from fastvae.checkpoint import load_model
-from fastvae.data import load_dataset
-from fastvae.metrics import read_metrics
+from fastvae.training.checkpoint import load_model
+from fastvae.io.data import load_dataset
+from fastvae.training.metrics import read_metrics
 
 HUES = 6
 

@@ -15,10 +15,10 @@ import torch
 from torch.distributions import ContinuousBernoulli
 
 import fastvae
-from fastvae import reference
+from fastvae.ops import reference
 
 requires_cpp = pytest.mark.skipif(fastvae.backend() != "cpp", reason="C++ extension not built")
-# The fallback backend's gradients are autograd's through fastvae.reference: good to ~1e-14
+# The fallback backend's gradients are autograd's through fastvae.ops.reference: good to ~1e-14
 # (float64) and ~3e-6 (float32), not to the rounding of the fused backward checked here.
 fused_gradients = pytest.mark.skipif(fastvae.backend() != "cpp", reason="checks the fused backward's rounding")
 DEVICES = [

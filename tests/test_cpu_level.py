@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae import reference
+from fastvae.ops import reference
 
 requires_cpp = pytest.mark.skipif(fastvae.backend() != "cpp", reason="C++ extension not built")
 pytestmark = requires_cpp

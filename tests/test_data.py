@@ -1,4 +1,4 @@
-"""Tests for fastvae.data: every source, every documented error, binarize and batches."""
+"""Tests for fastvae.io.data: every source, every documented error, binarize and batches."""
 
 import gzip
 import struct
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae.data import ImageDataset, batches, binarize, load_dataset, one_hot, parse_idx
+from fastvae.io.data import ImageDataset, batches, binarize, load_dataset, one_hot, parse_idx
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

@@ -15,7 +15,7 @@ import torch
 from torch.distributions import AffineTransform, SigmoidTransform, TransformedDistribution, Uniform
 
 import fastvae
-from fastvae import reference
+from fastvae.ops import reference
 
 requires_cpp = pytest.mark.skipif(fastvae.backend() != "cpp", reason="C++ extension not built")
 DEVICES = [

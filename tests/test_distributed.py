@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from fastvae.checkpoint import load_checkpoint
-from fastvae.metrics import read_metrics
+from fastvae.training.checkpoint import load_checkpoint
+from fastvae.training.metrics import read_metrics
 
 ARGS = ["--epochs", "2", "--hidden", "64", "--latent-dim", "4", "--batch-size", "64", "--seed", "3", "--lr", "3e-3"]
 
@@ -47,7 +47,7 @@ def test_resume_under_torchrun(tmp_path):
 
 def test_process_group_owns_the_teardown(monkeypatch):
     """The context manager leaves the group after its block: with a barrier normally, without one on an error."""
-    from fastvae import distributed
+    from fastvae.training import distributed
 
     calls = []
     monkeypatch.setattr(distributed, "init_from_environment", lambda device: calls.append("join") or distributed.World())

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.config import TrainConfig
-from fastvae.export import export_decoder, export_run, load_any, save_pretrained
-from fastvae.model import VAE
-from fastvae.train import train
+from fastvae.training.config import TrainConfig
+from fastvae.io.export import export_decoder, export_run, load_any, save_pretrained
+from fastvae.models.vae import VAE
+from fastvae.training.trainer import train
 
 pytest.importorskip("safetensors")
 

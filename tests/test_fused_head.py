@@ -6,8 +6,10 @@ from torch import nn
 from torch.distributions import Bernoulli, Normal
 
 import fastvae
-from fastvae import ops, reference, registry
-from fastvae.model import VAE
+from fastvae import ops
+from fastvae.ops import reference
+from fastvae.models import registry
+from fastvae.models.vae import VAE
 
 requires_cpp = pytest.mark.skipif(fastvae.backend() != "cpp", reason="C++ extension not built")
 LIKELIHOODS = ["bernoulli", "gaussian", "gaussian_learned"]

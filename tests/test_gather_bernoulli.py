@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import fastvae
-from fastvae import ops, reference
+from fastvae import ops
+from fastvae.ops import reference
 
 from devices import CUDA_ONLY, DEVICES
 

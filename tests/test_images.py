@@ -1,4 +1,4 @@
-"""Tests for fastvae.images: grids and metric plots."""
+"""Tests for fastvae.io.images: grids and metric plots."""
 
 import sys
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae.images import plot_metrics, save_image_grid, save_reconstruction_grid
+from fastvae.io.images import plot_metrics, save_image_grid, save_reconstruction_grid
 
 
 @pytest.mark.parametrize(

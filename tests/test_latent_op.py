@@ -13,7 +13,7 @@ from torch.distributions import Normal, kl_divergence
 
 import fastvae
 from devices import CUDA_ONLY, DEVICES, generator_for
-from fastvae import reference
+from fastvae.ops import reference
 
 requires_cpp = pytest.mark.skipif(fastvae.backend() != "cpp", reason="C++ extension not built")
 

@@ -9,7 +9,7 @@ from torch.distributions import Bernoulli, Normal
 
 import fastvae
 from devices import CUDA_ONLY, DEVICES
-from fastvae import reference
+from fastvae.ops import reference
 
 requires_cpp = pytest.mark.skipif(fastvae.backend() != "cpp", reason="C++ extension not built")
 

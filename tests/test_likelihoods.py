@@ -7,15 +7,16 @@ import pytest
 import torch
 from plugin_helpers import install, install_toy_plugin
 
-from fastvae import cli, likelihoods, objectives, ops, registry
-from fastvae.checkpoint import load_model
-from fastvae.config import TrainConfig
-from fastvae.data import ImageDataset
-from fastvae.likelihoods import Likelihood, data_kind, register_likelihood, resolve_auto
-from fastvae.model import VAE
-from fastvae.objectives import Objective, register_objective
-from fastvae.plugins import DuplicateNameError, UnknownNameError
-from fastvae.train import Trainer, resolve_likelihood
+from fastvae import cli, ops
+from fastvae.models import likelihoods, objectives, registry
+from fastvae.training.checkpoint import load_model
+from fastvae.training.config import TrainConfig
+from fastvae.io.data import ImageDataset
+from fastvae.models.likelihoods import Likelihood, data_kind, register_likelihood, resolve_auto
+from fastvae.models.vae import VAE
+from fastvae.models.objectives import Objective, register_objective
+from fastvae.models.plugins import DuplicateNameError, UnknownNameError
+from fastvae.training.trainer import Trainer, resolve_likelihood
 
 BUILTIN_LIKELIHOODS = {"bernoulli", "gaussian", "gaussian_learned"}
 
@@ -63,7 +64,7 @@ def test_a_declaration_is_checked_when_made():
         Likelihood("x", "", (), "real", fine.log_prob, fine.mean, fine.sample)
     with pytest.raises(ValueError, match="other than 'auto'"):
         Likelihood("auto", "", ("mean",), "real", fine.log_prob, fine.mean, fine.sample)
-    with pytest.raises(TypeError, match="needs a fastvae.likelihoods.Likelihood"):
+    with pytest.raises(TypeError, match="needs a fastvae.models.likelihoods.Likelihood"):
         register_likelihood("gaussian")
 
 
@@ -270,7 +271,7 @@ def test_a_broken_likelihood_plugin_warns_once_naming_it_and_the_rest_works(site
 
 
 def test_a_plugin_cannot_silently_replace_a_builtin_objective(site):
-    source = ("from fastvae.objectives import Objective\n"
+    source = ("from fastvae.models.objectives import Objective\n"
               "IMPOSTOR = Objective('iwae', 'not the IWAE bound', lambda rec, kl, log_q, log_p, beta: rec.mean(0))\n")
     install(site, "fastvae-impostor", {}, {"impostor_objective.py": source},
             groups={objectives.ENTRY_POINT_GROUP: {"impostor": "impostor_objective:IMPOSTOR"}})

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fastvae.evaluate import importance_sampled_log_likelihood
-from fastvae.model import VAE, bound
+from fastvae.training.evaluate import importance_sampled_log_likelihood
+from fastvae.models.vae import VAE, bound
 
 
 @pytest.fixture

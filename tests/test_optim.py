@@ -1,10 +1,10 @@
-"""fastvae.optim: the trainer's direct call of torch's fused Adam/AdamW kernel."""
+"""fastvae.training.optim: the trainer's direct call of torch's fused Adam/AdamW kernel."""
 
 import pytest
 import torch
 
-from fastvae.optim import clear_grads, fused_step
-from fastvae.train import make_optimizer
+from fastvae.training.optim import clear_grads, fused_step
+from fastvae.training.trainer import make_optimizer
 
 
 def model_and_optimizer(name, **kwargs):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae.config import TrainConfig
-from fastvae.images import (SPLIT_COLOURS, image_scale, metric_panels, plot_metrics, save_interpolation_grid,
+from fastvae.training.config import TrainConfig
+from fastvae.io.images import (SPLIT_COLOURS, image_scale, metric_panels, plot_metrics, save_interpolation_grid,
                             save_traversal_grid)
-from fastvae.train import train
+from fastvae.training.trainer import train
 
 from cli_helpers import run_cli
 
@@ -55,7 +55,7 @@ def test_loss_plot_elbo_spans_its_axes(tmp_path, renderer):
 
 
 def test_loss_plot_panels_leave_throughput_out(tmp_path):
-    from fastvae.images import _read_metrics
+    from fastvae.io.images import _read_metrics
 
     _, _, series = _read_metrics(realistic_metrics(tmp_path / "metrics.csv"), None)
     panels = metric_panels(series)

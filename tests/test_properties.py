@@ -1,4 +1,4 @@
-"""Property tests: every fused op against fastvae.reference over drawn shapes, dtypes, value ranges,
+"""Property tests: every fused op against fastvae.ops.reference over drawn shapes, dtypes, value ranges,
 sample counts L, noise offsets and row offsets, eps given and drawn in the kernel.
 
 The profiles live in tests/conftest.py: a few examples per test by default, many in CI
@@ -16,7 +16,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastvae import likelihoods, ops, reference
+from fastvae.models import likelihoods
+from fastvae import ops
+from fastvae.ops import reference
+from fastvae.ops._checks import _z_shape
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Rounding of the arithmetic each input dtype is computed in, and of the dtype z is stored in.
@@ -62,7 +65,7 @@ def test_latent_terms_with_given_eps_matches_the_reference(batch, dim, num_sampl
                                                            stl, seed):
     mu = uniform((batch, dim), -mu_range, mu_range, seed, dtype)
     logvar = uniform((batch, dim), *logvar_range, seed + 1, dtype)
-    eps = uniform(ops._z_shape(mu, num_samples), -4, 4, seed + 2, dtype)
+    eps = uniform(_z_shape(mu, num_samples), -4, 4, seed + 2, dtype)
     got = ops.latent_terms(mu, logvar, num_samples, eps=eps, stl=stl)
     want = reference.latent_terms(mu.double(), logvar.double(), eps.double(), num_samples, stl=stl)
     kl_scale, density_scale = latent_scales(mu, logvar, eps)
@@ -79,7 +82,7 @@ def test_latent_terms_with_given_eps_matches_the_reference(batch, dim, num_sampl
 def test_latent_terms_gradients_match_reference_autograd(batch, dim, num_samples, dtype, stl, seed):
     mu = uniform((batch, dim), -3, 3, seed, dtype).requires_grad_()
     logvar = uniform((batch, dim), -4, 2, seed + 1, dtype).requires_grad_()
-    eps = uniform(ops._z_shape(mu, num_samples), -3, 3, seed + 2, dtype)
+    eps = uniform(_z_shape(mu, num_samples), -3, 3, seed + 2, dtype)
     upstream = [uniform(t.shape, -1, 1, seed + 3 + i, t.dtype)
                 for i, t in enumerate(reference.latent_terms(mu, logvar, eps, num_samples))]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fastvae import registry
+from fastvae.models import registry
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

@@ -1,12 +1,12 @@
-"""The mlp decoder's recomputed hidden layers (fastvae/architectures/_recompute.py): same numbers, less kept."""
+"""The mlp decoder's recomputed hidden layers (fastvae/models/architectures/_recompute.py): same numbers, less kept."""
 
 import pytest
 import torch
 from torch import nn
 
-from fastvae.architectures import _recompute
-from fastvae.architectures._recompute import _RecomputedStack, dropped_bytes, recomputable, run_stack
-from fastvae.model import VAE
+from fastvae.models.architectures import _recompute
+from fastvae.models.architectures._recompute import _RecomputedStack, dropped_bytes, recomputable, run_stack
+from fastvae.models.vae import VAE
 
 
 def _stack(activation, widths=(5, 7, 4)):

@@ -9,8 +9,8 @@ from torch import nn
 
 from plugin_helpers import install, install_toy_plugin
 
-from fastvae import registry
-from fastvae.registry import (
+from fastvae.models import registry
+from fastvae.models.registry import (
     Decoder,
     DuplicateArchitectureError,
     Encoder,
@@ -79,9 +79,9 @@ def test_registering_a_taken_name_is_an_error_unless_override():
 
 
 def test_only_encoder_and_decoder_subclasses_register():
-    with pytest.raises(TypeError, match="subclass of fastvae.registry.Encoder"):
+    with pytest.raises(TypeError, match="subclass of fastvae.models.registry.Encoder"):
         register_encoder("plain")(nn.Linear)
-    with pytest.raises(TypeError, match="subclass of fastvae.registry.Decoder"):
+    with pytest.raises(TypeError, match="subclass of fastvae.models.registry.Decoder"):
         register_decoder("swapped")(make_pair("pair")[0])
     with pytest.raises(ValueError, match="non-empty string"):
         register_encoder("")
@@ -147,7 +147,7 @@ def test_reload_plugins_forgets_uninstalled_plugins_and_reloads_installed_ones(s
 
 def test_an_entry_point_may_be_a_registering_callable(site):
     source = (
-        "from fastvae.registry import Encoder, register_encoder\n"
+        "from fastvae.models.registry import Encoder, register_encoder\n"
         "def register():\n"
         "    @register_encoder('called')\n"
         "    class Called(Encoder):\n"
@@ -180,7 +180,7 @@ def test_a_broken_plugin_warns_once_and_everything_else_works(site):
 
 def test_a_plugin_cannot_silently_replace_a_builtin(site):
     source = (
-        "from fastvae.registry import Encoder, register_encoder\n"
+        "from fastvae.models.registry import Encoder, register_encoder\n"
         "@register_encoder('mlp')\n"
         "class Impostor(Encoder):\n"
         "    pass\n"

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fastvae
 from fastvae import ops
-from fastvae.architectures.mlp import MLPEncoder
+from fastvae.models.architectures.mlp import MLPEncoder
 
 from devices import DEVICES
 

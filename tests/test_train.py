@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import data as data_lib
-from fastvae.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
-from fastvae.config import TrainConfig
-from fastvae.metrics import read_metrics
-from fastvae import train as train_module
-from fastvae.schedule import BURDA_EPOCHS, schedule_factor
-from fastvae.train import Trainer, TrainingDiverged, make_optimizer, split_validation, train
+from fastvae.io import data as data_lib
+from fastvae.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_model
+from fastvae.training.config import TrainConfig
+from fastvae.training.metrics import read_metrics
+from fastvae.training import trainer as train_module
+from fastvae.training.schedule import BURDA_EPOCHS, schedule_factor
+from fastvae.training.trainer import Trainer, TrainingDiverged, make_optimizer, split_validation, train
 
 
 def small_config(tmp_path, **overrides):

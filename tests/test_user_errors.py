@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import checkpoint as checkpoint_lib
-from fastvae.config import TrainConfig
-from fastvae.train import Trainer, split_validation
-from fastvae import data as data_lib
+from fastvae.training import checkpoint as checkpoint_lib
+from fastvae.training.config import TrainConfig
+from fastvae.training.trainer import Trainer, split_validation
+from fastvae.io import data as data_lib
 
 from cli_helpers import run_cli
 

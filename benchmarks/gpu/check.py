@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import fastvae  # noqa: E402
-from fastvae import data as data_lib  # noqa: E402
+from fastvae.io import data as data_lib  # noqa: E402
 from fastvae.bench import eager_bernoulli, eager_latent, fused_bernoulli, run_mode  # noqa: E402
-from fastvae.model import VAE  # noqa: E402
+from fastvae.models.vae import VAE  # noqa: E402
 
 FLOAT_BYTES = 4
 LOG_2PI = math.log(2 * math.pi)

@@ -4,7 +4,7 @@ Every loss term is per example, summed over data and latent dimensions, in nats:
     rec[l, b]   = log p(x_b | z_lb)        (fused likelihood op)
     kl[b]       = KL(q(z|x_b) || N(0, I))  (analytic, fused latent op)
     log_q, log_p[l, b]                     (fused latent op)
-The likelihood (fastvae/likelihoods.py) and the objective (fastvae/objectives.py) are
+The likelihood (fastvae/models/likelihoods.py) and the objective (fastvae/models/objectives.py) are
 declarations looked up by name, built-in or from a plugin. Built-in objectives
 (docs/DESIGN.md section 1):
     "analytic"    SGVB-B, the default:  elbo = mean_l rec - beta*kl
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import likelihoods, objectives, ops, registry
-from .data import one_hot
+from . import likelihoods, objectives, registry
+from .. import ops
+from ..io.data import one_hot
 
 
 @dataclass
@@ -54,7 +55,7 @@ class VAE(nn.Module):
 
     encoder, decoder: registered names (see `fastvae list`) or ready nn.Modules following
     the registry's Encoder/Decoder contract. likelihood: a registered likelihood name (see
-    `fastvae list` and fastvae/likelihoods.py), e.g. "bernoulli" (decoder gives logits),
+    `fastvae list` and fastvae/models/likelihoods.py), e.g. "bernoulli" (decoder gives logits),
     "gaussian" (decoder gives means; the fixed log-variance is `gaussian_logvar`) or
     "gaussian_learned" (decoder gives means and log-variances).
     """
@@ -119,13 +120,13 @@ class VAE(nn.Module):
     @classmethod
     def from_pretrained(cls, folder) -> VAE:
         """The model of a folder written by save_pretrained / `fastvae export` (safetensors, no pickle)."""
-        from .export import load_pretrained
+        from ..io.export import load_pretrained
 
         return load_pretrained(folder)[0]
 
     def save_pretrained(self, folder) -> None:
-        """Write model.safetensors and config.json into `folder` (see fastvae.export)."""
-        from .export import save_pretrained
+        """Write model.safetensors and config.json into `folder` (see fastvae.io.export)."""
+        from ..io.export import save_pretrained
 
         save_pretrained(self, folder)
 
@@ -158,7 +159,7 @@ class VAE(nn.Module):
 
     @property
     def likelihood_settings(self) -> dict:
-        """The model's settings a likelihood's functions may read (see fastvae/likelihoods.py)."""
+        """The model's settings a likelihood's functions may read (see fastvae/models/likelihoods.py)."""
         return {"gaussian_logvar": self.gaussian_logvar}
 
     def log_likelihood(self, decoded, x: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastvae.registry import Encoder
+from ..registry import Encoder
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 

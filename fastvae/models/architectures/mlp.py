@@ -10,8 +10,8 @@ import math
 
 from torch import Tensor, nn
 
-from fastvae import ops
-from fastvae.registry import Decoder, Encoder, register_decoder, register_encoder
+from ... import ops
+from ..registry import Decoder, Encoder, register_decoder, register_encoder
 
 from ._common import check_widths, make_activation, with_condition
 from ._recompute import run_stack
@@ -64,7 +64,7 @@ class MLPDecoder(Decoder):
     Takes the fused head (registry.Decoder): its last layer is linear. fused_head=False makes
     the VAE run the plain forward and the likelihood op instead (same numbers, more memory).
     recompute_hidden (with two hidden layers or more): autograd keeps only z and the last
-    hidden layer; the backward recomputes the others (fastvae/architectures/_recompute.py).
+    hidden layer; the backward recomputes the others (fastvae/models/architectures/_recompute.py).
     Same numbers; for IWAE's k x B rows it saves (len(hidden) - 1) activations of (k*B, width).
     It applies when that saves at least 1 MiB (RECOMPUTE_MIN_BYTES), where it pays for its pass.
     """

@@ -8,7 +8,7 @@ The trainer calls them on the process that writes the run's files (rank 0 under 
     close()                            once, when the run is over (also after a failure)
 
 Subclass Callback and override what you need; pass instances to Trainer(callbacks=...) or
-fastvae.train.train(callbacks=...). `fastvae train --tensorboard` adds a TensorBoardLogger.
+fastvae.training.trainer.train(callbacks=...). `fastvae train --tensorboard` adds a TensorBoardLogger.
 """
 
 from __future__ import annotations

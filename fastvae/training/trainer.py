@@ -23,15 +23,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_lib
-from . import distributed, likelihoods, ops
+from ..io import data as data_lib
+from . import distributed
+from ..models import likelihoods
+from .. import ops
 from .callbacks import Callback, TensorBoardLogger
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import OPTIMIZERS, TrainConfig
 from .evaluate import evaluate
-from .images import write_pictures
+from ..io.images import write_pictures
 from .metrics import METRICS_NAME, append_metrics, truncate_metrics
-from .model import VAE
+from ..models.vae import VAE
 from .optim import clear_grads, fused_step
 from .schedule import LRSchedule, epochs_that_fit
 

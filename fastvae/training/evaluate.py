@@ -13,9 +13,10 @@ import math
 import torch
 from torch import Tensor
 
-from . import likelihoods, ops
-from .data import one_hot
-from .model import VAE, bound
+from ..models import likelihoods
+from .. import ops
+from ..io.data import one_hot
+from ..models.vae import VAE, bound
 
 
 def _conditions(labels, num_classes, index, device):

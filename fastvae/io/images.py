@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import one_hot
-from .metrics import METRICS_NAME
+from ..training.metrics import METRICS_NAME
 
 PAD_VALUE = 1.0  # white borders separate the dark backgrounds of MNIST-like images
 X_COLUMNS = ("epoch", "step")

@@ -13,13 +13,13 @@ A declaration says everything fastvae needs to know about one observation model:
     bits_per_dim  whether training and evaluation also report bits per dimension (8-bit image likelihoods)
     fused_head    the fused decoder head's name for it (fastvae.ops.fused_head_log_likelihood), or None
                   when the head does not compute it: the VAE then decodes and calls log_prob
-    reference     log_prob in plain PyTorch (fastvae/reference.py), when log_prob is a fused op:
+    reference     log_prob in plain PyTorch (fastvae/ops/reference.py), when log_prob is a fused op:
                   tests/test_properties.py checks every declared pair over shapes, dtypes and ranges
 
 params is always a tuple of tensors shaped like the data (with leading sample dimensions);
 settings is the model's dict of likelihood settings (today: "gaussian_logvar", the fixed
 Gaussian's log-variance). Third-party packages add likelihoods with register_likelihood,
-or through an entry point in the "fastvae.likelihoods" group (see fastvae/plugins.py).
+or through an entry point in the "fastvae.likelihoods" group (see fastvae/models/plugins.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from .. import ops
+from ..ops import reference
 from .plugins import PluginTable, format_rows
 
 ENTRY_POINT_GROUP = "fastvae.likelihoods"
@@ -94,7 +95,7 @@ class Likelihood:
 
 LIKELIHOODS: PluginTable[Likelihood] = PluginTable(
     "likelihood", ENTRY_POINT_GROUP, Likelihood, code_of=lambda item: item.log_prob,
-    builtin_module="fastvae.likelihoods")
+    builtin_module="fastvae.models.likelihoods")
 
 
 def register_likelihood(likelihood: Likelihood, *, override: bool = False) -> Likelihood:

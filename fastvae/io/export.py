@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_model
-from .model import VAE
+from ..training.checkpoint import load_model
+from ..models.vae import VAE
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -43,7 +43,7 @@ def save_pretrained(model: VAE, out_dir, train_config: dict | None = None) -> Pa
     """
     from safetensors.torch import save_file
 
-    from . import __version__
+    from .. import __version__
 
     if model.config.get("encoder") is None or model.config.get("decoder") is None:
         raise ValueError("only models built from registered architecture names can be exported "

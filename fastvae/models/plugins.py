@@ -3,7 +3,7 @@
 A table holds frozen declaration objects under their `name`. The built-ins register when
 their module is imported; plugins are distributions declaring an entry point in the table's
 group, discovered lazily on the first lookup or listing (as architectures are, see
-fastvae/registry.py), so importing fastvae stays cheap and a broken plugin costs one warning
+fastvae/models/registry.py), so importing fastvae stays cheap and a broken plugin costs one warning
 instead of the import. An entry point may name a declaration object (registered as it is), a
 module (importing it registers), or a callable taking no arguments (calling it registers).
 """

@@ -91,7 +91,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Base class of decoders: z (N, latent_dim) -> parameters of p(x|z) over output_shape.
 
-    The likelihood's declaration (fastvae/likelihoods.py) names the parameters: one gives a
+    The likelihood's declaration (fastvae/models/likelihoods.py) names the parameters: one gives a
     tensor ("bernoulli" logits, "gaussian" means), several a tuple ("gaussian_learned"
     (mean, logvar)), each (N, *output_shape). Subclasses produce self.params_per_element
     values per output element, parameter-major (e.g. (N, params_per_element * C, H, W)), and
@@ -195,7 +195,7 @@ def _register(kind: str, name: str, description: str | None, override: bool):
     def decorator(cls):
         base = _BASES[kind]
         if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise TypeError(f"register_{kind}({name!r}) needs a subclass of fastvae.registry.{base.__name__}, "
+            raise TypeError(f"register_{kind}({name!r}) needs a subclass of fastvae.models.registry.{base.__name__}, "
                             f"got {cls!r}")
         existing = _REGISTRY[kind].get(name)
         if existing is not None and not override and not _same_class(existing.cls, cls):
@@ -265,7 +265,7 @@ def _scan_plugins() -> None:
 
 def _ensure_loaded() -> None:
     global _plugins_loaded
-    importlib.import_module("fastvae.architectures")  # the built-ins register on import
+    importlib.import_module("fastvae.models.architectures")  # the built-ins register on import
     if not _plugins_loaded:
         _plugins_loaded = True
         _scan_plugins()

@@ -4,7 +4,7 @@ Each bound maps the per-sample terms of the fused latent and likelihood ops, in 
     rec[l, b] = log p(x_b | z_lb), kl[b] = KL(q(z|x_b) || N(0, I)), log_q[l, b], log_p[l, b]
 (L samples of B examples) and the KL weight beta to the bound per example, (B,).
 Third-party packages add objectives with register_objective, or through an entry point in
-the "fastvae.objectives" group (see fastvae/plugins.py).
+the "fastvae.objectives" group (see fastvae/models/plugins.py).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Objective:
 
 
 OBJECTIVES: PluginTable[Objective] = PluginTable(
-    "objective", ENTRY_POINT_GROUP, Objective, code_of=lambda item: item.bound, builtin_module="fastvae.objectives")
+    "objective", ENTRY_POINT_GROUP, Objective, code_of=lambda item: item.bound, builtin_module="fastvae.models.objectives")
 
 
 def register_objective(objective: Objective, *, override: bool = False) -> Objective:

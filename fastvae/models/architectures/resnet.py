@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastvae.registry import Decoder, register_decoder, register_encoder
+from ..registry import Decoder, register_decoder, register_encoder
 
 from ._common import ImageEncoder, check_square_image, check_widths, make_activation, with_condition
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .model import VAE
+from ..models.vae import VAE
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
