@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _fakes  # noqa: F401  (registers the fakes torch.compile uses)
+from . import _fakes  # registers the fakes torch.compile uses
 from . import reference  # noqa: F401  (fastvae.ops.reference: the pure-PyTorch implementation)
 from ._backend import (  # noqa: F401  (backend(), build_hint, source_tree, draw_seed are public)
     _direct_cpu_call_ok,
@@ -52,17 +52,10 @@ from ._backend import (  # noqa: F401  (backend(), build_hint, source_tree, draw
     build_hint,
     cuda_kernels_built,
     draw_seed,
-    likelihood_ops,
+    reference_likelihood_op,
     source_tree,
 )
 from ._checks import _check_int, _check_tensor
-
-# The likelihood op each public function calls (see LIKELIHOOD_OPS in ._backend).
-_bernoulli_op = likelihood_ops["bernoulli_log_prob"]
-_gaussian_op = likelihood_ops["gaussian_log_prob"]
-_continuous_bernoulli_op = likelihood_ops["continuous_bernoulli_log_prob"]
-_discretized_logistic_op = likelihood_ops["discretized_logistic_log_prob"]
-
 
 class LatentTerms(NamedTuple):
     z: Tensor       # (B, D) or (L, B, D)
@@ -231,6 +224,26 @@ def _second_param(value: Tensor | float, params: Tensor, decoder_output: Tensor,
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"fastvae: {name} must be a float or a tensor, got {type(value).__name__}")
     return None, float(value)
+
+
+def _likelihood_op(name: str, param_name: str, second_name: str | None = None):
+    """The handle of the fused likelihood op `name` (csrc/fastvae.h), with its fakes registered.
+
+    One parameter: op(params, x). Two: op(params, x, second, second_value), the second
+    parameter a tensor shaped like params or None and one float for every element.
+    Without the extension, the same signature runs `reference.<name>`.
+    """
+    if backend() != "cpp":
+        return reference_likelihood_op(name, param_name, second_name)
+    _fakes.register_likelihood_fakes(name, param_name, second_name)
+    return getattr(torch.ops.fastvae, name).default
+
+
+# One line per fused likelihood: (op name, its parameter names).
+_bernoulli_op = _likelihood_op("bernoulli_log_prob", "logits")
+_gaussian_op = _likelihood_op("gaussian_log_prob", "mean", "logvar")
+_continuous_bernoulli_op = _likelihood_op("continuous_bernoulli_log_prob", "logits")
+_discretized_logistic_op = _likelihood_op("discretized_logistic_log_prob", "mean", "log_scale")
 
 
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = True) -> Tensor:

@@ -80,16 +80,6 @@ def cuda_kernels_built() -> bool:
     return _BACKEND == "cpp" and torch._C._dispatch_has_kernel_for_dispatch_key("fastvae::latent_terms", "CUDA")
 
 
-# One line per fused likelihood op: (op name, the name of its parameter, the name of its
-# second parameter or None). fastvae.ops._fakes registers each op's fakes from this table.
-LIKELIHOOD_OPS = (
-    ("bernoulli_log_prob", "logits", None),
-    ("gaussian_log_prob", "mean", "logvar"),
-    ("continuous_bernoulli_log_prob", "logits", None),
-    ("discretized_logistic_log_prob", "mean", "log_scale"),
-)
-
-
 # ---------------------------------------------------------------------------
 # Randomness: (seed, offset) drawn from torch's generators (docs/DESIGN.md section 2).
 # ---------------------------------------------------------------------------
@@ -162,7 +152,7 @@ def _seed_scratch() -> Tensor:
 # ---------------------------------------------------------------------------
 # Op handles: the registered op, or its reference fallback with the same signature.
 # ---------------------------------------------------------------------------
-def _reference_likelihood_op(name: str, param_name: str, second_name: str | None):
+def reference_likelihood_op(name: str, param_name: str, second_name: str | None):
     """op(params, x) or op(params, x, second, second_value) computed by `reference.<name>`."""
     reference_fn = getattr(reference, name)
 
@@ -181,7 +171,6 @@ if _BACKEND == "cpp":
     _latent_from_generator_op = torch.ops.fastvae.latent_terms_from_generator.default
     _fused_head_op = torch.ops.fastvae.fused_head_log_prob.default
     _sparse_input_linear_op = torch.ops.fastvae.sparse_input_linear.default
-    likelihood_ops = {name: getattr(torch.ops.fastvae, name).default for name, *_ in LIKELIHOOD_OPS}
 else:
 
     def _latent_op(mu, logvar, eps, num_samples, seed, offset, row_offset=0, stl=False):
@@ -211,5 +200,3 @@ else:
         _require(not (torch.is_grad_enabled() and x.requires_grad),
                  "fastvae: fused_head_log_prob does not differentiate with respect to x (it is the data)")
         return reference.fused_head_log_prob(h, weight, bias, x, likelihood, logvar_value)
-
-    likelihood_ops = {name: _reference_likelihood_op(name, *params) for name, *params in LIKELIHOOD_OPS}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import LIKELIHOOD_OPS, backend
+from ._backend import backend
 from ._checks import (
     _check_gather_bernoulli,
     _check_head,
@@ -21,7 +21,7 @@ from ._checks import (
 )
 
 
-def _register_likelihood_fakes(name: str, param_name: str, second_name: str | None) -> None:
+def register_likelihood_fakes(name: str, param_name: str, second_name: str | None) -> None:
     """Fakes of a fused likelihood op and its backward (one parameter: op(params, x); two:
     op(params, x, second, second_value), the second a tensor shaped like params or None)."""
 
@@ -41,7 +41,8 @@ def _register_likelihood_fakes(name: str, param_name: str, second_name: str | No
     torch.library.register_fake(f"fastvae::{name}_backward")(backward_fake)
 
 
-# The fakes of the ops with their own signatures, then one pair per likelihood op.
+# The fakes of the ops with their own signatures (fastvae.ops registers the likelihood ops' fakes
+# with register_likelihood_fakes, one line per likelihood).
 if backend() == "cpp":
     @torch.library.register_fake("fastvae::latent_terms")
     def _latent_terms_fake(mu, logvar, eps, num_samples, seed, offset, row_offset=0, stl=False):
@@ -102,6 +103,3 @@ if backend() == "cpp":
         none = x.new_empty((0,))
         return (torch.empty_like(x) if needs_grad_x else none, torch.empty_like(weight) if needs_grad_weight else none,
                 x.new_empty((weight.shape[0],)) if needs_grad_bias else none)
-
-    for name, param_name, second_name in LIKELIHOOD_OPS:
-        _register_likelihood_fakes(name, param_name, second_name)
