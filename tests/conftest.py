@@ -35,7 +35,7 @@ def scratch_registries(monkeypatch):
     for table in (likelihoods.LIKELIHOODS, objectives.OBJECTIVES):
         table.names()
         monkeypatch.setattr(table, "_entries", dict(table._entries))
-        monkeypatch.setattr(table, "_plugins_loaded", True)
+        monkeypatch.setattr(table.group, "loaded", True)
 
 
 @pytest.fixture
