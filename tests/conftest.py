@@ -29,13 +29,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def scratch_registries(monkeypatch):
     """Run a test on copies of the architecture registry and the likelihood and objective tables,
     so what it registers (or what plugins it installs register) never leaks into another test."""
-    registry.available()  # built-ins and installed plugins in place before the copies
-    monkeypatch.setattr(registry, "_REGISTRY", {kind: dict(entries) for kind, entries in registry._REGISTRY.items()})
-    monkeypatch.setattr(registry, "_plugins_loaded", True)
-    for table in (likelihoods.LIKELIHOODS, objectives.OBJECTIVES):
-        table.names()
+    for table in (registry.ENCODERS, registry.DECODERS, likelihoods.LIKELIHOODS, objectives.OBJECTIVES):
+        table.names()  # built-ins and installed plugins in place before the copy
         monkeypatch.setattr(table, "_entries", dict(table._entries))
-        monkeypatch.setattr(table, "_plugins_loaded", True)
+        monkeypatch.setattr(table.group, "loaded", True)
 
 
 @pytest.fixture

@@ -247,7 +247,7 @@ def test_a_plugin_likelihood_and_objective_train_end_to_end_from_the_cli(site, t
 
 def test_plugins_load_lazily_and_uninstalled_ones_are_forgotten(site, monkeypatch):
     install_toy_plugin(site)
-    monkeypatch.setattr(likelihoods.LIKELIHOODS, "_plugins_loaded", False)
+    monkeypatch.setattr(likelihoods.LIKELIHOODS.group, "loaded", False)
     assert likelihoods.get("toy_laplace").params == ("mean", "log_scale")
     shutil.rmtree(site / "fastvae_toy_plugin-0.1.dist-info")
     registry.reload_plugins()

@@ -9,7 +9,7 @@ from torch import nn
 
 from plugin_helpers import install, install_toy_plugin
 
-from fastvae.models import registry
+from fastvae.models import plugins, registry
 from fastvae.models.registry import (
     Decoder,
     DuplicateArchitectureError,
@@ -63,6 +63,26 @@ def test_unknown_name_lists_known_names_and_suggests_the_closest():
     assert "conv" in str(caught.value) and "resnet" in str(caught.value)
     with pytest.raises(LookupError, match="unknown decoder 'zzz'. Known decoders:"):
         build_decoder("zzz", output_shape=(4,), latent_dim=2)
+
+
+def test_a_miss_is_reported_by_the_shared_table_lookup_as_for_likelihoods():
+    with pytest.raises(plugins.UnknownNameError) as caught:
+        build_encoder("mpl", input_shape=(4,), latent_dim=2)
+    assert caught.traceback[-1].path.name == "plugins.py"  # raised by PluginTable.get, not a copy of it
+    with pytest.raises(plugins.UnknownNameError) as direct:
+        registry.ENCODERS.get("mpl")
+    assert str(caught.value) == str(direct.value)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        registry.unregister("prior", "mlp")
+
+
+def test_the_old_error_names_are_the_shared_classes():
+    import fastvae.registry as old_name  # the flat layout's module name, as plugins import it
+
+    assert UnknownArchitectureError is old_name.UnknownArchitectureError is plugins.UnknownNameError
+    assert DuplicateArchitectureError is old_name.DuplicateArchitectureError is plugins.DuplicateNameError
+    assert issubclass(UnknownArchitectureError, LookupError)  # what `except` clauses caught before
+    assert isinstance(registry.ENCODERS, plugins.PluginTable) and isinstance(registry.DECODERS, plugins.PluginTable)
 
 
 def test_registering_a_taken_name_is_an_error_unless_override():
@@ -160,9 +180,37 @@ def test_an_entry_point_may_be_a_registering_callable(site):
     assert info.description == "Registered by a callable."
 
 
+def test_one_entry_point_loads_once_for_the_encoder_and_decoder_tables(site):
+    source = (
+        "import run_log\n"
+        "from fastvae.registry import Decoder, Encoder, register_decoder, register_encoder\n"
+        "run_log.runs.append(__name__)\n"
+        "@register_encoder('both')\n"
+        "class BothEncoder(Encoder):\n"
+        "    pass\n"
+        "@register_decoder('both')\n"
+        "class BothDecoder(Decoder):\n"
+        "    pass\n"
+    )
+    modules = {"both_plugin.py": source, "run_log.py": "runs = []\n"}
+    install(site, "fastvae-both-plugin", {"both": "both_plugin"}, modules)
+    registry.reload_plugins()
+    assert sys.modules["run_log"].runs == ["both_plugin"]  # not once per table
+    assert registry.ENCODERS.group is registry.DECODERS.group
+    assert [(i.kind, i.source) for i in registry.available() if i.name == "both"] == \
+        [("encoder", "fastvae-both-plugin"), ("decoder", "fastvae-both-plugin")]
+
+
+def test_an_entry_point_naming_neither_module_nor_callable_is_skipped_with_a_warning(site):
+    install(site, "fastvae-value-plugin", {"value": "value_plugin:VALUE"}, {"value_plugin.py": "VALUE = 3\n"})
+    with pytest.warns(RuntimeWarning, match="'value'.*TypeError: entry point names int, not a module or a callable"):
+        registry.reload_plugins()
+    assert "value" not in registry.ENCODERS.names()
+
+
 def test_plugins_are_discovered_lazily_on_first_lookup(site, monkeypatch):
     install_toy_plugin(site)
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry.ARCHITECTURES, "loaded", False)
     assert "fastvae_toy_plugin.architecture" not in sys.modules
     build_encoder("toy_mlp", input_shape=(4,), latent_dim=2)
 
@@ -186,6 +234,7 @@ def test_a_plugin_cannot_silently_replace_a_builtin(site):
         "    pass\n"
     )
     install(site, "fastvae-impostor", {"impostor": "impostor_plugin"}, {"impostor_plugin.py": source})
-    with pytest.warns(RuntimeWarning, match="fastvae-impostor.*DuplicateArchitectureError"):
+    clash = r"DuplicateNameError: encoder 'mlp' is already registered by builtin \(MLPEncoder\)"
+    with pytest.warns(RuntimeWarning, match="fastvae-impostor.*" + clash):
         registry.reload_plugins()
     assert next(i for i in registry.available("encoder") if i.name == "mlp").source == "builtin"

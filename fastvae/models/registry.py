@@ -4,39 +4,32 @@ An architecture is a pair of classes, an Encoder and a Decoder subclass, registe
 under the same name with the decorators below. The VAE builds them by name, so a new
 architecture needs no change to fastvae: define the classes, decorate them, and either
 import the module yourself or ship it as a distribution that declares an entry point in
-the ENTRY_POINT_GROUP group. Plugins are discovered lazily, on the first lookup or
-listing, so importing fastvae stays cheap and a broken plugin cannot break the import.
+the ENTRY_POINT_GROUP group. Encoders and decoders are two PluginTables (fastvae/models/
+plugins.py, as likelihoods and objectives are) sharing that group: one entry point registers
+both. Plugins are discovered lazily, on the first lookup or listing, so importing fastvae
+stays cheap and a broken plugin cannot break the import.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import inspect
 import math
-import sys
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 
 from torch import Tensor, nn
 
 from . import likelihoods, objectives
+from .plugins import BUILTIN  # noqa: F401  (registry.BUILTIN, the source of fastvae's own architectures)
+from .plugins import DuplicateNameError, PluginGroup, PluginTable, UnknownNameError, column_lines
 
 ENTRY_POINT_GROUP = "fastvae.architectures"
 KINDS = ("encoder", "decoder")
-BUILTIN = "builtin"
 # Constructor arguments every architecture shares; the listing shows only the others.
 _CONTRACT_PARAMS = {"input_shape", "output_shape", "latent_dim", "condition_dim", "likelihood"}
 
-
-class UnknownArchitectureError(LookupError):
-    """A name that is not registered for the requested kind."""
-
-
-class DuplicateArchitectureError(ValueError):
-    """A second, different class registered under a taken name without override=True."""
+# The names architecture code has always caught; the same classes as every table's.
+UnknownArchitectureError = UnknownNameError
+DuplicateArchitectureError = DuplicateNameError
 
 
 def _check_shape(arg: str, shape) -> tuple[int, ...]:
@@ -166,29 +159,25 @@ class ArchitectureInfo:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class _Architecture:
+    """What the tables hold: a class under its name, with the one line the listing shows."""
+
+    name: str
     cls: type
     description: str
-    source: str
-    from_plugin: bool  # registered while an entry point loaded, so reload_plugins forgets it
 
 
-_REGISTRY: dict[str, dict[str, _Entry]] = {kind: {} for kind in KINDS}
+ARCHITECTURES = PluginGroup(ENTRY_POINT_GROUP, "architecture", builtin_module="fastvae.models.architectures")
+# item_type None: the decorators below check the classes and build the entries.
+_TABLES = {kind: PluginTable(kind, ARCHITECTURES, None, code_of=lambda entry: entry.cls) for kind in KINDS}
+ENCODERS, DECODERS = _TABLES["encoder"], _TABLES["decoder"]
 _BASES = {"encoder": Encoder, "decoder": Decoder}
-_plugins_loaded = False
-_loading_source: str | None = None  # distribution whose entry point is being loaded
 
 
-def _source_of(cls: type) -> str:
-    if _loading_source is not None:
-        return _loading_source
-    return BUILTIN if cls.__module__.startswith("fastvae.") else cls.__module__
-
-
-def _same_class(a: type, b: type) -> bool:
-    # A re-executed module (reload_plugins, importlib.reload) makes a new class object
-    # for the same definition; that is a refresh, not a clash.
-    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+def _table(kind: str) -> PluginTable[_Architecture]:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return _TABLES[kind]
 
 
 def _register(kind: str, name: str, description: str | None, override: bool):
@@ -197,15 +186,8 @@ def _register(kind: str, name: str, description: str | None, override: bool):
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(f"register_{kind}({name!r}) needs a subclass of fastvae.models.registry.{base.__name__}, "
                             f"got {cls!r}")
-        existing = _REGISTRY[kind].get(name)
-        if existing is not None and not override and not _same_class(existing.cls, cls):
-            raise DuplicateArchitectureError(
-                f"{kind} {name!r} is already registered by {existing.source} ({existing.cls.__qualname__}); "
-                "pass override=True to replace it"
-            )
         doc = (cls.__doc__ or "").strip().splitlines()  # its own docstring, not a base class's
-        _REGISTRY[kind][name] = _Entry(cls, description or (doc[0] if doc else ""), _source_of(cls),
-                                       from_plugin=_loading_source is not None)
+        _TABLES[kind].register(_Architecture(name, cls, description or (doc[0] if doc else "")), override=override)
         return cls
 
     if not isinstance(name, str) or not name:
@@ -225,83 +207,20 @@ def register_decoder(name: str, *, description: str | None = None, override: boo
 
 def unregister(kind: str, name: str) -> None:
     """Forget a registration (tests and interactive sessions); unknown names raise."""
-    _lookup(kind, name)
-    del _REGISTRY[kind][name]
-
-
-# ----------------------------------------------------------------------------- plugins
-@contextmanager
-def _registering_for(source: str):
-    global _loading_source
-    _loading_source = source
-    try:
-        yield
-    finally:
-        _loading_source = None
-
-
-def _load_entry_point(ep) -> None:
-    """Import (or re-import) the entry point's module, and call it if it is a callable."""
-    is_module = not ep.attr
-    imported_before = ep.module in sys.modules
-    obj = ep.load()
-    if is_module:
-        if imported_before:  # its decorators ran before this scan; run them again
-            importlib.reload(obj)
-    else:
-        obj()
-
-
-def _scan_plugins() -> None:
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist is not None else ep.value
-        try:
-            with _registering_for(dist):
-                _load_entry_point(ep)
-        except Exception as exc:  # a broken plugin must not take the others down
-            warnings.warn(f"fastvae: skipped architecture plugin {ep.name!r} = {ep.value!r} from distribution "
-                          f"{dist!r}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
-
-
-def _ensure_loaded() -> None:
-    global _plugins_loaded
-    importlib.import_module("fastvae.models.architectures")  # the built-ins register on import
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        _scan_plugins()
+    _table(kind).unregister(name)
 
 
 def reload_plugins() -> None:
     """Forget what plugins registered and scan the entry points again (after an install, in tests):
     architectures, likelihoods and objectives."""
-    global _plugins_loaded
-    for entries in _REGISTRY.values():
-        for name in [name for name, entry in entries.items() if entry.from_plugin]:
-            del entries[name]
-    _plugins_loaded = False
-    _ensure_loaded()
+    ARCHITECTURES.reload()
     likelihoods.reload_plugins()
     objectives.reload_plugins()
 
 
 # ----------------------------------------------------------------------------- lookup
-def _lookup(kind: str, name: str) -> type:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    _ensure_loaded()
-    entry = _REGISTRY[kind].get(name)
-    if entry is None:
-        known = sorted(_REGISTRY[kind])
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
-        raise UnknownArchitectureError(
-            f"unknown {kind} {name!r}{hint} Known {kind}s: {', '.join(known) or 'none'} (see `fastvae list`)"
-        )
-    return entry.cls
-
-
 def _build(kind: str, name: str, config: dict) -> nn.Module:
-    cls = _lookup(kind, name)
+    cls = _table(kind).get(name).cls
     signature = inspect.signature(cls)
     try:
         signature.bind(**config)
@@ -332,12 +251,11 @@ def available(kind: str | None = None) -> list[ArchitectureInfo]:
     """Every registered architecture of kind (or of both kinds), plugins included, sorted by name."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
-    _ensure_loaded()
     infos = [
-        ArchitectureInfo(k, name, entry.description, _config_of(entry.cls), entry.source)
+        ArchitectureInfo(k, entry.item.name, entry.item.description, _config_of(entry.item.cls), entry.source)
         for k in KINDS
         if kind in (None, k)
-        for name, entry in _REGISTRY[k].items()
+        for entry in _TABLES[k].entries()
     ]
     return sorted(infos, key=lambda info: (info.name, KINDS.index(info.kind)))
 
@@ -345,13 +263,11 @@ def available(kind: str | None = None) -> list[ArchitectureInfo]:
 def format_table() -> str:
     """The listing `fastvae list` prints: one row per architecture, its own config below it."""
     infos = available()
-    rows = [("NAME", "KIND", "SOURCE", "DESCRIPTION")] + [(i.name, i.kind, i.source, i.description) for i in infos]
-    widths = [max(len(row[c]) for row in rows) for c in range(3)]
-    lines = []
-    for row, info in zip(rows, [None] + infos):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
-        config = {} if info is None else {k: v for k, v in info.config.items() if k not in _CONTRACT_PARAMS}
-        if config:
-            indent = " " * (sum(widths) + 2 * len(widths))
-            lines.append(indent + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+    header = ("NAME", "KIND", "SOURCE", "DESCRIPTION")
+    rows = column_lines([header] + [(i.name, i.kind, i.source, i.description) for i in infos])
+    indent = " " * (len(rows[0]) - len("DESCRIPTION"))  # the config lines start under the descriptions
+    lines = rows[:1]
+    for row, info in zip(rows[1:], infos):
+        config = {k: v for k, v in info.config.items() if k not in _CONTRACT_PARAMS}
+        lines += [row, indent + ", ".join(f"{k}={v!r}" for k, v in config.items())] if config else [row]
     return "\n".join(lines)
