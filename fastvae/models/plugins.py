@@ -54,11 +54,16 @@ class PluginGroup:
         self.what = what
         self.builtin_module = builtin_module
         self.tables: list[PluginTable] = []
+        self.builtins_imported = False
         self.loaded = False
         self.loading_source: str | None = None  # distribution whose entry point is being loaded
 
     def ensure_loaded(self) -> None:
-        importlib.import_module(self.builtin_module)  # the built-ins register on import
+        # Lookups run inside VAE.forward, which torch.compile traces; Dynamo cannot trace
+        # importlib or the entry-point scan, so after the first lookup this is one flag test.
+        if not self.builtins_imported:
+            importlib.import_module(self.builtin_module)  # the built-ins register on import
+            self.builtins_imported = True
         if not self.loaded:
             self.loaded = True
             self._scan()

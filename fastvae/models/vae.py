@@ -75,6 +75,9 @@ class VAE(nn.Module):
         super().__init__()
         input_shape = tuple(int(s) for s in input_shape)
         self.likelihood_spec = likelihoods.get(likelihood)
+        # forward looks objectives up by name; loading their plugins now keeps that lookup a dict
+        # read, which torch.compile(model, fullgraph=True) can trace on the first call.
+        objectives.OBJECTIVES.group.ensure_loaded()
         if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
         if condition_dim < 0:
