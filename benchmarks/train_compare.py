@@ -14,6 +14,8 @@ batch gathering and binarization, everything else).
 - plain: the loop a user writes from the pytorch/examples VAE: MNIST in memory, minibatches of 100
   shuffled with torch.randperm, torch.bernoulli per batch, the same MLP (plain_vae.py), the
   default torch.optim.Adam, the example's loss, and its `loss.item()` per step.
+- plain, Adam(fused=True): the same loop with the one keyword a careful user adds, torch's fused
+  Adam kernel (the fair baseline for the trainer, which calls that kernel itself).
 - pythae: pythae's VAE with the same encoder and decoder networks and the same loop as plain
   (only when pythae is importable).
 """
@@ -80,9 +82,9 @@ def fastvae_epoch(images: torch.Tensor, out_dir: str):
     return lambda: trainer.train_epoch(next(epoch))
 
 
-def plain_loop_epoch(model, loss_of, images: torch.Tensor):
-    """The ten-line loop, shared by the plain and pythae providers."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+def plain_loop_epoch(model, loss_of, images: torch.Tensor, fused_adam: bool = False):
+    """The ten-line loop, shared by the plain and pythae providers (fused_adam: the keyword a careful user adds)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
 
     def epoch():
         model.train()
@@ -99,14 +101,14 @@ def plain_loop_epoch(model, loss_of, images: torch.Tensor):
     return epoch
 
 
-def plain_epoch(images: torch.Tensor):
+def plain_epoch(images: torch.Tensor, fused_adam: bool = False):
     torch.manual_seed(0)
 
     def loss_of(model, x):
         recon, mu, logvar = model(x)
         return plain_loss(recon, x, mu, logvar)
 
-    return plain_loop_epoch(PlainVAE(), loss_of, images)
+    return plain_loop_epoch(PlainVAE(), loss_of, images, fused_adam)
 
 
 def pythae_available() -> bool:
@@ -149,7 +151,8 @@ def pythae_epoch(images: torch.Tensor):
 
 
 def providers(images: torch.Tensor, out_dir: str) -> dict:
-    made = {"fastvae": fastvae_epoch(images, out_dir), "plain": plain_epoch(images)}
+    made = {"fastvae": fastvae_epoch(images, out_dir), "plain": plain_epoch(images),
+            "plain, Adam(fused=True)": plain_epoch(images, fused_adam=True)}
     if pythae_available():
         made["pythae"] = pythae_epoch(images)
     return made

@@ -1,0 +1,163 @@
+"""The training step in a user's own loop: fastvae.VAE against a plain PyTorch VAE, all with Adam(fused=True).
+
+    python benchmarks/user_loop.py [--threads N] [--rounds 7] [--steps 50] [--no-compile]
+
+Providers (Burda et al.'s MLP 784-200-200-50, tanh, batches of 100 binarized MNIST images,
+or random binary images when ../shared/data/mnist is absent):
+  fastvae.VAE      fastvae.VAE(...) stepped by the ten-line loop a user writes (loss, zero_grad,
+                   backward, optimizer.step) with torch.optim.Adam(fused=True)
+  plain            benchmarks/plain_vae.py (the canonical PyTorch example) in the same loop
+  compile(plain)   torch.compile(plain model) in the same loop
+  floor            every GEMM of the same network, forward and backward, dense, back to back
+                   (per layer: addmm forward, the weight-gradient mm, and the input-gradient mm
+                   for all but the first layer), plus one Adam(fused=True) step over the same
+                   parameters: what no implementation of this step can go below on this CPU
+The providers run interleaved (one block of steps each per round) so that a change in the
+machine's speed hits all of them alike; the table gives the median round of each, its ratio to
+the plain model and to the floor, and the CPU it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plain_vae import PlainVAE, plain_loss  # noqa: E402
+from train_compare import DEFAULT_MNIST, cpu_description  # noqa: E402
+
+import fastvae  # noqa: E402
+from fastvae.io import data as data_lib  # noqa: E402
+
+BATCH = 100
+# (in, out) of every Linear of the network: encoder 784-200-200 and its (mu, logvar) layer,
+# decoder 50-200-200-784.
+LAYERS = ((784, 200), (200, 200), (200, 100), (50, 200), (200, 200), (200, 784))
+
+
+def minibatches(count: int = 20, mnist: Path = DEFAULT_MNIST) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    if mnist.is_dir():
+        images = data_lib.load_dataset(f"mnist:{mnist}", "train").images[: BATCH * count]
+    else:
+        images = torch.rand(BATCH * count, 1, 28, 28)
+    return [torch.bernoulli(images[i * BATCH:(i + 1) * BATCH]) for i in range(count)]
+
+
+def loop_step(forward_loss, parameters, batches):
+    """The loop a user writes, with the optimizer a careful user picks."""
+    optimizer = torch.optim.Adam(parameters, lr=1e-3, fused=True)
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % len(batches)
+        loss = forward_loss(batches[state["i"]])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def fastvae_step(batches):
+    torch.manual_seed(0)
+    model = fastvae.VAE((1, 28, 28), latent_dim=50, encoder_config={"hidden": [200, 200]},
+                        decoder_config={"hidden": [200, 200]})
+    return loop_step(lambda x: model(x).loss, model.parameters(), batches)
+
+
+def plain_step(batches, compile_model: bool = False):
+    torch.manual_seed(0)
+    model = PlainVAE()
+    forward = torch.compile(model) if compile_model else model
+
+    def loss_of(x):
+        recon, mu, logvar = forward(x)
+        return plain_loss(recon, x, mu, logvar)
+
+    return loop_step(loss_of, model.parameters(), batches)
+
+
+def floor_step():
+    """The GEMMs of one step and one fused Adam step over parameters of the same shapes."""
+    torch.manual_seed(0)
+    weights = [torch.randn(n_out, n_in) * 0.05 for n_in, n_out in LAYERS]
+    biases = [torch.zeros(n_out) for _, n_out in LAYERS]
+    inputs = [torch.rand(BATCH, n_in) for n_in, _ in LAYERS]
+    grads_out = [torch.randn(BATCH, n_out) for _, n_out in LAYERS]
+    outputs = [torch.empty(BATCH, n_out) for _, n_out in LAYERS]
+    grad_w = [torch.empty_like(w) for w in weights]
+    grad_in = [torch.empty(BATCH, n_in) for n_in, _ in LAYERS]
+    params = [torch.nn.Parameter(t) for t in weights + biases]
+    for p, g in zip(params, grad_w + [torch.randn_like(b) for b in biases]):
+        p.grad = g
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
+
+    def step():
+        with torch.no_grad():
+            for i, (w, b, x) in enumerate(zip(weights, biases, inputs)):
+                torch.addmm(b, x, w.t(), out=outputs[i])
+            for i, (w, x, g) in enumerate(zip(weights, inputs, grads_out)):
+                torch.mm(g.t(), x, out=grad_w[i])
+                if i != 0:  # the first layer's input is the data: no gradient wanted
+                    torch.mm(g, w, out=grad_in[i])
+        optimizer.step()
+
+    return step
+
+
+def providers(batches, compile_plain: bool) -> dict:
+    steps = {"fastvae.VAE": fastvae_step(batches), "plain": plain_step(batches)}
+    if compile_plain:
+        steps["compile(plain)"] = plain_step(batches, compile_model=True)
+    steps["floor"] = floor_step()
+    return steps
+
+
+def interleaved_rates(steps: dict, rounds: int, steps_per_round: int) -> dict[str, list[float]]:
+    """Examples per second of each provider in each round, the providers taking turns."""
+    for step in steps.values():  # warm-up (compiles the compiled model)
+        for _ in range(5):
+            step()
+    rates = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                step()
+            rates[name].append(steps_per_round * BATCH / (time.perf_counter() - start))
+    return rates
+
+
+def table(rates: dict[str, list[float]]) -> str:
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    lines = ["| step | examples/s (median round) | vs plain | step time / floor |", "|---|---:|---:|---:|"]
+    for name, rate in median.items():
+        lines.append(f"| {name} | {rate:,.0f} | {rate / median['plain']:.2f}x | {median['floor'] / rate:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=50, help="steps per provider per round")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile(plain)")
+    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="MNIST IDX folder")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rates = interleaved_rates(providers(minibatches(mnist=args.mnist), not args.no_compile), args.rounds, args.steps)
+    print(f"CPU: {cpu_description()}; {args.rounds} rounds of {args.steps} steps, batch {BATCH}")
+    print(table(rates))
+
+
+if __name__ == "__main__":
+    main()
