@@ -6,11 +6,8 @@ model-eager / model-compile: fastvae.models.vae.VAE stepped by a plain loop (los
          Adam), eagerly and as torch.compile(model, fullgraph=True); the noise is drawn
          from torch's default generator inside the compiled graph, no seed passed.
 Both see the same dynamically binarized MNIST minibatches (or random binary images when
-../shared/data/mnist is absent). Examples per second = 100 / median step time.
+FASTVAE_MNIST names no MNIST folder). Examples per second = 100 / median step time.
 """
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +16,17 @@ from fastvae.io import data as data_lib
 from fastvae.training.config import TrainConfig
 from fastvae.models.vae import VAE
 from fastvae.training.trainer import Trainer
+import train_compare
 from plain_vae import PlainVAE, plain_loss
 
 BATCH = 100
-MNIST = Path(os.environ.get("FASTVAE_MNIST", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+MNIST = train_compare.DEFAULT_MNIST
+HAVE_MNIST = MNIST is not None and MNIST.is_dir()
 
 
 def minibatches(count=20):
     torch.manual_seed(0)
-    if MNIST.is_dir():
+    if HAVE_MNIST:
         images = data_lib.load_dataset(f"mnist:{MNIST}", "train").images[: BATCH * count]
     else:
         images = torch.rand(BATCH * count, 1, 28, 28)
@@ -113,10 +112,9 @@ def test_training_step(benchmark, provider, tmp_path):
 EPOCH_EXAMPLES = 6000
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason=f"no MNIST at {MNIST} (set FASTVAE_MNIST)")
+@pytest.mark.skipif(not HAVE_MNIST, reason=f"no MNIST at {MNIST} (set FASTVAE_MNIST)")
 @pytest.mark.parametrize("provider", ["fastvae", "plain", "pythae"])
 def test_training_epoch(benchmark, provider, tmp_path):
-    import train_compare
 
     if provider == "pythae" and not train_compare.pythae_available():
         pytest.skip("pythae is not installed")

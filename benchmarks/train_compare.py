@@ -1,6 +1,6 @@
 """The whole training step: `fastvae train`'s loop against a plain PyTorch loop doing the same work.
 
-    python benchmarks/train_compare.py --mnist ../shared/data/mnist [--rounds 3] [--examples 60000]
+    python benchmarks/train_compare.py --mnist DIR [--rounds 3] [--examples 60000]   (DIR: an MNIST IDX folder)
     python benchmarks/train_compare.py --threads 1 --cpu-time      # on a shared machine
 
 Prints two markdown tables: examples per second of whole epochs (best epoch of each provider,
@@ -41,7 +41,8 @@ from fastvae.training.config import TrainConfig  # noqa: E402
 from fastvae.training.trainer import Trainer  # noqa: E402
 
 BATCH = 100
-DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+# The MNIST IDX folder the benchmarks read: FASTVAE_MNIST, or --mnist DIR; none by default.
+DEFAULT_MNIST = Path(os.environ["FASTVAE_MNIST"]) if os.environ.get("FASTVAE_MNIST") else None
 
 
 def cpu_description() -> str:
@@ -239,7 +240,7 @@ def split_table(splits: dict[str, dict[str, float]]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mnist", type=Path, default=Path(os.environ.get("FASTVAE_MNIST", DEFAULT_MNIST)))
+    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="MNIST IDX folder (default: $FASTVAE_MNIST)")
     parser.add_argument("--examples", type=int, default=60_000, help="training images per epoch")
     parser.add_argument("--rounds", type=int, default=3, help="epochs of each loop, interleaved")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -252,8 +253,8 @@ def main(argv=None) -> None:
         parser.error("--cpu-time needs --threads 1: the CPU time of one thread misses the work of the others")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.mnist.is_dir():
-        sys.exit(f"no MNIST folder at {args.mnist} (pass --mnist DIR)")
+    if args.mnist is None or not args.mnist.is_dir():
+        sys.exit(f"no MNIST folder at {args.mnist} (pass --mnist DIR or set FASTVAE_MNIST)")
     images = mnist_images(args.mnist, args.examples)
     with tempfile.TemporaryDirectory() as out_dir:
         epochs = providers(images, out_dir)

@@ -3,7 +3,7 @@
     python benchmarks/user_loop.py [--threads N] [--rounds 7] [--steps 50] [--no-compile]
 
 Providers (Burda et al.'s MLP 784-200-200-50, tanh, batches of 100 binarized MNIST images,
-or random binary images when ../shared/data/mnist is absent):
+or random binary images without --mnist DIR / FASTVAE_MNIST):
   fastvae.VAE      fastvae.VAE(...) stepped by the ten-line loop a user writes (loss, zero_grad,
                    backward, optimizer.step) with torch.optim.Adam(fused=True)
   plain            benchmarks/plain_vae.py (the canonical PyTorch example) in the same loop
@@ -41,9 +41,9 @@ BATCH = 100
 LAYERS = ((784, 200), (200, 200), (200, 100), (50, 200), (200, 200), (200, 784))
 
 
-def minibatches(count: int = 20, mnist: Path = DEFAULT_MNIST) -> list[torch.Tensor]:
+def minibatches(count: int = 20, mnist: Path | None = DEFAULT_MNIST) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    if mnist.is_dir():
+    if mnist is not None and mnist.is_dir():
         images = data_lib.load_dataset(f"mnist:{mnist}", "train").images[: BATCH * count]
     else:
         images = torch.rand(BATCH * count, 1, 28, 28)
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=50, help="steps per provider per round")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile(plain)")
-    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="MNIST IDX folder")
+    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="MNIST IDX folder (default: $FASTVAE_MNIST)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
