@@ -56,7 +56,7 @@ def test_loss_plot_elbo_spans_its_axes(tmp_path, renderer):
 
 
 def long_run_elbo(epoch, epochs=964):
-    """The README's MNIST run in shape: -209 nats to -95 in the first few dozen epochs, then the
+    """A long MNIST run in shape: -209 nats to -95 in the first few dozen epochs, then the
     cosine schedule's 5 nats over the remaining 900."""
     return -95 - 114 * math.exp(-(epoch - 1) / 6) + 2.5 * (1 - math.cos(math.pi * epoch / epochs))
 
