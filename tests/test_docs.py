@@ -98,6 +98,24 @@ def test_no_page_points_outside_the_repository(page):
     assert "../" not in prose, page
 
 
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as dashes."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", [page_name(page) for page in CITING_PAGES])
+def test_every_linked_heading_exists(page):
+    source = ROOT / page
+    missing = []
+    for target in link_targets(source.read_text()):
+        path, _, anchor = target.partition("#")
+        linked = (source.parent / path).resolve() if path else source
+        if anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
+            missing.append(target)
+    assert not missing, f"{page} links headings that do not exist: {missing}"
+
+
 def test_the_layout_drawing_names_real_paths():
     """docs/DESIGN.md draws the package once; each entry's first path exists."""
     section = DESIGN.read_text().split("## 3. Layout")[1].split("\n## ")[0]
