@@ -1,5 +1,6 @@
 """Every picture a run writes, opened and checked for what its name promises."""
 
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from PIL import Image
 
 from fastvae.training.config import TrainConfig
 from fastvae.io.images import (SPLIT_COLOURS, image_scale, metric_panels, plot_metrics, save_interpolation_grid,
-                            save_traversal_grid)
+                               save_traversal_grid, y_range)
 from fastvae.training.trainer import train
 
 from cli_helpers import run_cli
@@ -52,6 +53,56 @@ def test_loss_plot_elbo_spans_its_axes(tmp_path, renderer):
     elbo_panel = pixels[:, : width // 3]  # panels side by side: ELBO, rec, KL
     for split in ("train", "val"):
         assert rows_with_colour(elbo_panel, SPLIT_COLOURS[split]) > 0.6 * height, split
+
+
+def long_run_elbo(epoch, epochs=964):
+    """A long MNIST run in shape: -209 nats to -95 in the first few dozen epochs, then the
+    cosine schedule's 5 nats over the remaining 900."""
+    return -95 - 114 * math.exp(-(epoch - 1) / 6) + 2.5 * (1 - math.cos(math.pi * epoch / epochs))
+
+
+def long_run_metrics(path, epochs=964):
+    rows = ["epoch,train_elbo"] + [f"{e},{long_run_elbo(e, epochs)}" for e in range(1, epochs + 1)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def curve_row(pixels: np.ndarray, column: int, colour) -> float:
+    """The mean row of the colour's pixels in one column of the picture."""
+    near = (np.abs(pixels[:, column, :3].astype(int) - np.array(colour)) <= 40).all(-1)
+    rows = np.flatnonzero(near)
+    assert rows.size, column
+    return float(rows.mean())
+
+
+@pytest.mark.parametrize("renderer", ["pillow", "matplotlib"])
+def test_loss_plot_of_a_long_run_shows_the_late_rise(tmp_path, renderer):
+    """964 epochs from -209 to -90 nats: the rise after epoch ~100 (about 5 nats) must take a good part
+    of the panel's height, not the ~10 pixels it gets on an axis scaled to all 119 nats."""
+    if renderer == "matplotlib":
+        pytest.importorskip("matplotlib")
+    path = plot_metrics(long_run_metrics(tmp_path / "metrics.csv"), tmp_path / "loss.png", renderer=renderer)
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    height = pixels.shape[0]
+    pixels = pixels.copy()
+    pixels[: height // 10] = 255  # the Pillow legend's sample line sits above the frame
+    colour = SPLIT_COLOURS["train"]
+    columns = np.flatnonzero((np.abs(pixels[..., :3].astype(int) - np.array(colour)) <= 40).all(-1).any(0))
+    first, last = columns.min(), columns.max()
+    epoch_100 = int(first + 0.1 * (last - first))
+    rise = curve_row(pixels, epoch_100, colour) - curve_row(pixels, last - 1, colour)  # rows grow downwards
+    assert rise > 0.25 * height, rise
+
+
+def test_loss_plot_y_range_skips_the_first_epochs_only_where_they_squeeze_the_rest():
+    epochs = [float(e) for e in range(1, 965)]
+    low, high, start = y_range(epochs, {"train": [long_run_elbo(e) for e in epochs]})
+    assert start == 50 and low == pytest.approx(long_run_elbo(50)) and high == pytest.approx(-90, abs=1e-6)
+    short = epochs[:10]
+    assert y_range(short, {"train": [long_run_elbo(e) for e in short]})[2] is None  # a short run: every point
+    lr = [1e-3 * (1 + math.cos(math.pi * e / 964)) / 2 for e in epochs]
+    assert y_range(epochs, {"lr": lr}) == (min(lr), max(lr), None)  # the first epochs squeeze nothing
 
 
 def test_loss_plot_panels_leave_throughput_out(tmp_path):

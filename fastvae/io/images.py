@@ -97,6 +97,14 @@ THROUGHPUT_COLUMNS = ("seconds", "examples_per_second")  # timing, not training:
 SPLIT_COLOURS = {"train": (31, 119, 180), "val": (255, 127, 14)}  # one colour per split in every panel
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 PANEL_TITLES = {"elbo": "ELBO (nats per example)", "rec": "reconstruction log p(x|z)", "kl": "KL(q(z|x) || p(z))"}
+# A long run's first epochs climb by 100 nats and the rest by 5 (MNIST: about -209 to -95, then to -90
+# over hundreds of epochs): scaled to every point, the part a user watches is one flat line. So each panel's y range
+# is that of the points after the first 5% of its x span when the early points would squeeze the rest
+# into less than half of the panel's height, on runs with enough points for 5% to be whole epochs; the
+# axis label says so, and the early points run off the panel.
+EARLY_FRACTION = 0.05
+MIN_POINTS_TO_TRIM = 20
+SQUEEZE = 0.5
 
 
 def plot_metrics(csv_path, png_path, *, columns=None, renderer: str | None = None) -> Path:
@@ -105,8 +113,10 @@ def plot_metrics(csv_path, png_path, *, columns=None, renderer: str | None = Non
     Each term gets its own panel (axes): train_elbo and val_elbo share the "elbo" panel, *_rec the
     "rec" panel, *_kl the "kl" panel; any other column gets a panel of its own. Timing columns
     (seconds, examples_per_second) are left out unless named in ``columns``. Each panel's y range is
-    its own data's, so every curve spans its panel's height. Drawn against epoch (else step, else
-    row number); empty cells are skipped. renderer: "matplotlib", "pillow", or None for matplotlib
+    its own data's; on a run of 20 points or more whose first 5% of the x span would squeeze the rest
+    into less than half the height, that of the points after it (y_range; the axis says so), so the
+    late curve spans the panel's height. Drawn against epoch (else step, else row number); empty
+    cells are skipped. renderer: "matplotlib", "pillow", or None for matplotlib
     when importable, else Pillow, so a picture is always produced.
     """
     x_name, x, series = _read_metrics(Path(csv_path), columns)
@@ -178,6 +188,27 @@ def _points(x: list[float], y: list[float]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
 
 
+def y_range(x: list[float], lines: dict) -> tuple[float, float, float | None]:
+    """(low, high, start) of a panel: the range of its points from x = start on, start being where
+    the first 5% of the x span ends; start is None, and the range all of the points', when the run
+    is short or the later points span at least half of the whole range."""
+    points = [p for y in lines.values() for p in _points(x, y)] or [(0.0, 0.0)]
+    low, high = min(p[1] for p in points), max(p[1] for p in points)
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    if len({p[0] for p in points}) < MIN_POINTS_TO_TRIM:
+        return low, high, None
+    cut = x0 + EARLY_FRACTION * (x1 - x0)
+    late = [p for p in points if p[0] >= cut]
+    late_low, late_high = min(p[1] for p in late), max(p[1] for p in late)
+    if late_high - late_low >= SQUEEZE * (high - low):
+        return low, high, None
+    return late_low, late_high, min(p[0] for p in late)
+
+
+def y_range_note(x_name: str, start: float | None) -> str:
+    return "" if start is None else f"y scaled to {x_name} >= {start:g}"
+
+
 def _colour(label: str, index: int) -> tuple[int, int, int]:
     return SPLIT_COLOURS.get(label, _COLOURS[index % len(_COLOURS)])
 
@@ -196,6 +227,11 @@ def _plot_with_matplotlib(x_name: str, x, panels: list, png_path: Path) -> None:
         ax.set_xlabel(x_name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
         ax.margins(x=0.02, y=0.05)
+        low, high, start = y_range(x, lines)
+        if start is not None:
+            pad = 0.05 * (high - low) or 1.0
+            ax.set_ylim(low - pad, high + pad)
+            ax.set_ylabel(y_range_note(x_name, start))
         ax.grid(alpha=0.3)
         if len(lines) > 1:
             ax.legend(loc="best", fontsize="small")
@@ -217,8 +253,8 @@ def _draw_panel(draw, box, x_name: str, x, title: str, lines: dict) -> None:
     left, top, right, bottom = box[0] + 60, box[1] + 40, box[2] - 15, box[3] - 40
     all_points = [p for y in lines.values() for p in _points(x, y)] or [(0.0, 0.0)]
     x0, x1 = min(p[0] for p in all_points), max(p[0] for p in all_points)
-    y0, y1 = min(p[1] for p in all_points), max(p[1] for p in all_points)
-    pad = 0.04 * (y1 - y0)  # the data fill 92% of the frame's height
+    y0, y1, start = y_range(x, lines)
+    pad = 0.04 * (y1 - y0)  # the data in range fill 92% of the frame's height
 
     def to_pixel(point):
         px = left + (point[0] - x0) / ((x1 - x0) or 1.0) * (right - left)
@@ -234,16 +270,32 @@ def _draw_panel(draw, box, x_name: str, x, title: str, lines: dict) -> None:
         legend_x += 30 + 7 * len(label)
     draw.text((left, bottom + 5), f"{x0:g}", fill="black")
     draw.text((right - 30, bottom + 5), f"{x1:g}", fill="black")
-    draw.text(((left + right) // 2 - 12, bottom + 20), x_name, fill="black")
+    axis_label = x_name if start is None else f"{x_name}   ({y_range_note(x_name, start)})"
+    draw.text(((left + right) // 2 - 3 * len(axis_label), bottom + 20), axis_label, fill="black")
     draw.text((box[0] + 4, to_pixel((x0, y0))[1] - 5), f"{y0:.4g}", fill="black")
     draw.text((box[0] + 4, to_pixel((x0, y1))[1] - 5), f"{y1:.4g}", fill="black")
     for i, (label, y) in enumerate(lines.items()):
         pixels = [to_pixel(p) for p in _points(x, y)]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=_colour(label, i), width=2)
-        elif pixels:
+        for a, b in zip(pixels, pixels[1:]):
+            segment = _clip_to_rows(a, b, top, bottom)
+            if segment:
+                draw.line(segment, fill=_colour(label, i), width=2)
+        if len(pixels) == 1 and top <= pixels[0][1] <= bottom:
             px, py = pixels[0]
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=_colour(label, i))
+
+
+def _clip_to_rows(a, b, top, bottom):
+    """The part of segment a-b between the rows top and bottom (the frame), or None: the early
+    points outside the panel's y range run off it instead of over the labels."""
+    (ax, ay), (bx, by) = a, b
+    if ay == by:
+        return [a, b] if top <= ay <= bottom else None
+    t0, t1 = sorted(((top - ay) / (by - ay), (bottom - ay) / (by - ay)))
+    t0, t1 = max(t0, 0.0), min(t1, 1.0)
+    if t0 > t1:
+        return None
+    return [(ax + t0 * (bx - ax), ay + t0 * (by - ay)), (ax + t1 * (bx - ax), ay + t1 * (by - ay))]
 
 
 # ---------------------------------------------------------------------------- a model's pictures
