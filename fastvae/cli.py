@@ -30,7 +30,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         check = declared_check(action.type)
-        has_default = action.default not in (None, False, argparse.SUPPRESS)
+        has_default = not any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
         if check is None:
             return super()._get_help_string(action) if has_default else action.help
         return f"{action.help} ({check.describe()}{'; default: %(default)s' if has_default else ''})"
@@ -402,7 +402,7 @@ def add_model_parsers(sub) -> None:
     p = _model_parser(sub, "eval", "test-set ELBO and importance-sampled log-likelihood of a model")
     _data_options(p)
     p.add_argument("--is-samples", type=Range(ge=0, integer=True), default=0,
-                   help="importance samples for log p(x) (5000 for papers; 0: the ELBO only)")
+                   help="importance samples for log p(x), 5000 for papers; 0: the ELBO only")
     p.add_argument("--batch-size", type=Range(ge=1, integer=True), default=500, help="examples per batch")
     p.add_argument("--limit", type=Range(ge=1, integer=True), default=None, help="evaluate only the first N examples")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the noise and the binarization")
