@@ -48,7 +48,15 @@ class Check:
 
 
 def _number(value: float) -> str:
+    """1, 0.5, and large powers of two as 2^31 (the seed's bounds)."""
+    if float(value).is_integer() and abs(value) >= 2**16 and (abs(int(value)) & (abs(int(value)) - 1)) == 0:
+        return f"{'-' if value < 0 else ''}2^{abs(int(value)).bit_length() - 1}"
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _text(value: float) -> str:
+    """value as a command line writes it."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 @dataclass(frozen=True)
@@ -117,11 +125,11 @@ class Range(Check):
         step = 1 if self.integer else 0.5
         texts = []
         if low is not None:
-            texts.append(_number(low - step) if low_in else _number(low))
+            texts.append(_text(low - step) if low_in else _text(low))
         if high is not None:
-            texts.append(_number(high + step) if high_in else _number(high))
+            texts.append(_text(high + step) if high_in else _text(high))
         if self.integer:
-            texts.append(f"{_number((low if low is not None else 0) + 1)}.5")
+            texts.append(f"{_text((low if low is not None else 0) + 1)}.5")
         elif self.finite or low is not None or high is not None:
             texts.append("nan")
         return texts
