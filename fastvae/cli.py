@@ -366,7 +366,7 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a VAE (default: the embedded 8x8 digits, under a minute)",
                        formatter_class=DefaultsHelpFormatter)
     add_train_options(p)
-    p.set_defaults(func=cmd_train, command_parser=p)
+    p.set_defaults(func=cmd_train)
 
 
 def add_train_options(p, defaults: bool = True) -> None:
@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch on this machine (< 1 minute)",
                            formatter_class=DefaultsHelpFormatter)
     bench.add_argument("--seconds", type=Range(gt=0, finite=True), default=1.5, help="time budget per case")
-    bench.set_defaults(func=cmd_bench, command_parser=bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -203,6 +203,8 @@ def _cuda_problem(index: int | None) -> str | None:
     count = torch.cuda.device_count()
     if count == 0:
         return "no CUDA GPU is visible to this process"
+    if not torch.cuda.is_available():
+        return f"CUDA cannot use the {count} GPU(s) it sees (torch.cuda.is_available() is False: the driver?)"
     if index is not None and index >= count:
         return f"there {'is 1 GPU' if count == 1 else f'are {count} GPUs'}"
     return None

@@ -63,6 +63,9 @@ def test_device_without_a_gpu_and_past_the_last_gpu(monkeypatch):
     assert AvailableDevice().problem("cuda") == ("cuda is not available: no CUDA GPU is visible to this process; "
                                                  "this machine has cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "CUDA cannot use the 2 GPU(s) it sees" in AvailableDevice().problem("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert AvailableDevice().problem("cuda:2") == ("cuda:2 is not available: there are 2 GPUs; this machine has "
                                                    "cpu, cuda:0, cuda:1")
     assert AvailableDevice().problem("cuda:1") is None and AvailableDevice().problem("cuda") is None
