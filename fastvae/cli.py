@@ -24,16 +24,16 @@ from .errors import UserError
 from .ranges import SEED, CommaSeparated, Range, declared_check
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help shows each option's allowed values where they are declared and its default, except where
-    there is none to show (None, or an off switch): "(an integer >= 1; default: 64)"."""
+    there is none to show (None, or an off switch): "number of samples, an integer >= 1 (default: 64)"."""
 
     def _get_help_string(self, action):
         check = declared_check(action.type)
-        has_default = not any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
-        if check is None:
-            return super()._get_help_string(action) if has_default else action.help
-        return f"{action.help} ({check.describe()}{'; default: %(default)s' if has_default else ''})"
+        help = action.help if check is None else f"{action.help}, {check.describe()}"
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+            return help
+        return f"{help} (default: %(default)s)"
 
 
 def cmd_info(args) -> int:
@@ -438,7 +438,7 @@ def add_model_parsers(sub) -> None:
     _data_options(p)
     p.add_argument("--index", type=Range(ge=0, integer=True), default=0, help="which image of the data to start from")
     p.add_argument("--dims", type=CommaSeparated(Range(ge=0, integer=True)), default=None,
-                   help="latent dimensions to sweep, e.g. 0,3,5 (default: all, up to 16)")
+                   help="latent dimensions to sweep, e.g. 0,3,5; all (up to 16) when not given")
     p.add_argument("--steps", type=Range(ge=2, integer=True), default=9, help="images per row")
     p.add_argument("--span", type=Range(gt=0, finite=True), default=3.0,
                    help="sweep mu-span .. mu+span (prior standard deviations)")

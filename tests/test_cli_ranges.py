@@ -55,14 +55,14 @@ def test_help_shows_each_range_with_its_default(capsys):
     code, out, _ = run_in_process("sample", "--help")
     assert code == 0
     flat = " ".join(out.split())
-    assert "number of samples (an integer >= 1; default: 64)" in flat
-    assert "seed of the prior draws (an integer in [-2^31, 2^31); default: 0)" in flat
+    assert "number of samples, an integer >= 1 (default: 64)" in flat
+    assert "seed of the prior draws, an integer in [-2^31, 2^31) (default: 0)" in flat
     code, out, _ = run_in_process("train", "--help")
     flat = " ".join(out.split())
-    assert "latent dimensions (an integer >= 1; default: 8)" in flat
-    assert "share of the training set held out for validation (a number in [0, 1); default: 0.1)" in flat
+    assert "latent dimensions, an integer >= 1 (default: 8)" in flat
+    assert "share of the training set held out for validation, a number in [0, 1) (default: 0.1)" in flat
     code, out, _ = run_in_process("eval", "--help")
-    assert "evaluate only the first N examples (an integer >= 1)" in " ".join(out.split())  # no default to show
+    assert " ".join(out.split()).count("evaluate only the first N examples, an integer >= 1 ") == 1  # no default
 
 
 def test_values_in_range_still_parse_as_before():
@@ -113,7 +113,7 @@ def test_a_new_field_gets_its_check_and_its_help_by_declaring_them():
         ExtendedConfig(prior_components=0).validate()
     parser = argparse.ArgumentParser(formatter_class=cli.DefaultsHelpFormatter)
     cli.add_config_options(parser, ExtendedConfig)
-    assert "(an integer >= 1; default: 1)" in " ".join(parser.format_help().split())
+    assert "mixture components of the prior, an integer >= 1 (default: 1)" in " ".join(parser.format_help().split())
     assert parser.parse_args(["--prior-components", "3"]).prior_components == 3
 
 
