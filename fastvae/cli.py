@@ -1,7 +1,11 @@
 """The `fastvae` command line. Each subcommand is one small function; `main` dispatches.
 
-Bad arguments give a one-line error and exit status 2 (argparse's convention); errors
-the library raises on bad input (files, shapes, values) give one line and status 1.
+Bad arguments give a one-line error and exit status 2 (argparse's convention): each count, size,
+limit and index declares its range (fastvae.ranges) where it is declared, so it is checked when the
+line is parsed and --help shows it. Errors users cause while a command runs (a value that does not fit
+the model, data or machine, a file, a folder: UserError, ValueError, OSError) give one line and
+status 1; `train`'s own options are TrainConfig's, checked by TrainConfig before any work, so they
+are among these. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,14 +20,20 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+from .ranges import SEED, CommaSeparated, Range, declared_check
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, except where there is none to show (None, or an off switch)."""
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's allowed values where they are declared and its default, except where
+    there is none to show (None, or an off switch): "number of samples, an integer >= 1 (default: 64)"."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+        check = declared_check(action.type)
+        help = action.help if check is None else f"{action.help}, {check.describe()}"
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+            return help
+        return f"{help} (default: %(default)s)"
 
 
 def cmd_info(args) -> int:
@@ -62,11 +72,12 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def typed_options(args, *dests: str) -> set[str]:
+    """Which of `dests` the user typed on the command line (as opposed to left at their default)."""
+    unset = object()
+    namespace = argparse.Namespace(**dict.fromkeys(dests, unset))
+    args.command_parser.parse_known_args(args.argv[1:], namespace)
+    return {dest for dest in dests if getattr(namespace, dest) is not unset}
 
 
 def _json_object(text: str) -> dict:
@@ -80,29 +91,51 @@ def _json_object(text: str) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .training import distributed
-    from .training.config import TrainConfig
+    from .training.config import ConfigError
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
+    try:
+        return _cmd_train(args)
+    except ConfigError as exc:  # a TrainConfig check names the field; here the user typed its flag
+        raise UserError(f"{train_flags()[exc.field_name]} {exc.detail}") from None
+
+
+def _cmd_train(args) -> int:
+    from .training import distributed, runlock
+    from .training.config import TrainConfig
 
     config = config_from_args(args, TrainConfig)
     if args.hidden is not None:
         config.arch_config = {**config.arch_config, "hidden": args.hidden}
+    config.validate()  # before a launch, so that a bad value is reported once, not by every process
+    typed = explicit_train_options(args.argv)
+    if "WORLD_SIZE" in os.environ and "nproc" in typed:
+        raise UserError(f"--nproc does not apply under torchrun, which already started "
+                        f"{os.environ['WORLD_SIZE']} processes: drop --nproc, or run `fastvae train --nproc N` "
+                        "without torchrun")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        runlock.check_free(config.out_dir)  # refuse at once; the run's rank 0 then holds the lock
+        return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     if args.resume:
-        _check_resume_flags(config, explicit_train_options(args.argv))
+        _check_resume_flags(config, typed)
     with distributed.process_group(config.device):
-        epoch, out_dir = _train(config, args.resume)
+        epoch, out_dir = _train(config, args.resume, typed & set(train_flags()))
     print(f"trained to epoch {epoch}; checkpoint, metrics.csv and PNGs in {out_dir}")
     return 0
 
 
-def _train(config, resume: bool):
+def train_flags() -> dict[str, str]:
+    """TrainConfig's field names -> their `fastvae train` flags."""
+    from .training.config import TrainConfig, flag
+
+    return {f.name: flag(f) for f in dataclasses.fields(TrainConfig)}
+
+
+def _train(config, resume: bool, chosen: set[str]):
     """Train and return (epoch, out_dir): the trainer, and with it the DDP model, is freed on return,
     before the process group is left."""
     from .training.trainer import train
 
-    trainer, _ = train(config, resume=resume)
+    trainer, _ = train(config, resume=resume, chosen=chosen)
     return trainer.epoch, trainer.out_dir
 
 
@@ -118,7 +151,7 @@ def _check_resume_flags(config, explicit: set[str]) -> None:
     from .training.trainer import RESUMABLE_FIELDS, resume_conflicts, resumed_config
 
     run = resumed_config(config)
-    flags = {f.name: f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in dataclasses.fields(config)}
+    flags = train_flags()
     differ = [f"{flags[name]} {getattr(config, name)} (the run has {getattr(run, name)})"
               for name in resume_conflicts(config, run, explicit & set(flags))]
     if "hidden" in explicit and config.arch_config.get("hidden") != run.arch_config.get("hidden"):
@@ -154,7 +187,7 @@ def cmd_eval(args) -> int:
 
     model, train_config = load_any(args.model)
     dataset = _dataset(args, train_config)
-    images = dataset.images[: args.limit] if args.limit else dataset.images
+    images = dataset.images[: args.limit] if args.limit is not None else dataset.images
     labels = dataset.labels[: len(images)] if dataset.labels is not None else None
     torch.manual_seed(args.seed)
     results = evaluate(model, images, labels, dataset.num_classes, batch_size=args.batch_size,
@@ -175,25 +208,33 @@ def _dataset(args, train_config: dict | None):
     return data_lib.load_dataset(source, args.split)
 
 
-def _condition_vector(text: str | None, model):
+def _condition(text: str) -> int | list[float]:
+    """--condition: a class index (an integer), or an attribute vector (comma-separated numbers)."""
+    parts = text.split(",")
+    try:
+        return int(text) if len(parts) == 1 else [float(v) for v in parts]
+    except ValueError:
+        expected = "a class index is an integer, e.g. 7" if len(parts) == 1 else "attribute values are numbers"
+        raise argparse.ArgumentTypeError(f"{expected}; got {text!r}") from None
+
+
+def _condition_vector(condition: int | list[float] | None, model):
     from .io import data as data_lib
 
-    if text is None:
+    if condition is None:
         if model.condition_dim:
             raise ValueError(f"this model is conditional: pass --condition (a class in 0..{model.condition_dim - 1} "
                              f"or {model.condition_dim} comma-separated attribute values)")
         return None
     if not model.condition_dim:
         raise ValueError("--condition given but this model is not conditional")
-    values = [float(v) for v in text.split(",")]
-    if len(values) == 1:
-        label = int(values[0])
-        if not 0 <= label < model.condition_dim:
-            raise ValueError(f"--condition must be a class in 0..{model.condition_dim - 1}, got {text}")
-        return data_lib.one_hot(torch.tensor(label), model.condition_dim)
-    if len(values) != model.condition_dim:
-        raise ValueError(f"--condition needs 1 class or {model.condition_dim} attribute values, got {len(values)}")
-    return torch.tensor(values)
+    if isinstance(condition, int):
+        if not 0 <= condition < model.condition_dim:
+            raise ValueError(f"--condition must be a class in 0..{model.condition_dim - 1}, got {condition}")
+        return data_lib.one_hot(torch.tensor(condition), model.condition_dim)
+    if len(condition) != model.condition_dim:
+        raise ValueError(f"--condition needs 1 class or {model.condition_dim} attribute values, got {len(condition)}")
+    return torch.tensor(condition)
 
 
 def cmd_sample(args) -> int:
@@ -206,6 +247,10 @@ def cmd_sample(args) -> int:
     if args.per_class:
         if not model.condition_dim:
             raise ValueError("--per-class needs a conditional model")
+        ignored = [f"--{dest}" for dest in ("num", "condition") if dest in typed_options(args, "num", "condition")]
+        if ignored:
+            raise UserError(f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with "
+                            f"--per-class, which draws {args.per_class} samples of every class: drop one or the other")
         samples = model.sample_per_class(args.per_class, generator=generator)
         path = images.save_image_grid(samples, args.out, nrow=args.per_class, scale=image_scale(model.input_shape))
         print(f"wrote {args.per_class} samples of each of {model.condition_dim} classes (one row each) to {path}")
@@ -286,10 +331,12 @@ def add_config_options(parser, config_class, defaults: bool = True) -> None:
 
     defaults=False: options left out are absent from the parsed namespace (to tell what was typed).
     """
+    from .training.config import flag as field_flag
+
     parsers = {"json": _json_object}
     for f in dataclasses.fields(config_class):
         meta = f.metadata
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        flag = field_flag(f)
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kwargs = {"dest": f.name, "default": None if default == {} else default, "help": meta.get("help", "")}
         if not defaults:
@@ -299,6 +346,8 @@ def add_config_options(parser, config_class, defaults: bool = True) -> None:
         else:
             parse = meta.get("parse")
             kwargs["type"] = parsers.get(parse, parse) or (type(default) if default is not None else str)
+            if meta.get("check") is not None:  # parsed here, checked by validate(); --help shows the range
+                kwargs["type"] = meta["check"].parse
             choices = meta.get("choices")
             if choices is not None:  # argparse then shows {a,b,c} in the usage and the help
                 kwargs["choices"] = choices() if callable(choices) else choices
@@ -325,10 +374,10 @@ def add_train_options(p, defaults: bool = True) -> None:
 
     unset = {} if defaults else {"default": argparse.SUPPRESS}
     add_config_options(p, TrainConfig, defaults)
-    p.add_argument("--hidden", type=_int_list, **({"default": None} | unset),
+    p.add_argument("--hidden", type=CommaSeparated(Range(ge=1, integer=True)), **({"default": None} | unset),
                    help="hidden widths for mlp, e.g. 200,200 (sets arch_config's hidden)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint", **unset)
-    p.add_argument("--nproc", type=int, **({"default": 1} | unset),
+    p.add_argument("--nproc", type=Range(ge=1, integer=True), **({"default": 1} | unset),
                    help="data-parallel processes on this machine (runs this command under torchrun)")
 
 
@@ -338,6 +387,7 @@ MODEL_HELP = "run folder, checkpoint file, or folder written by `fastvae export`
 def _model_parser(sub, name: str, help: str):
     p = sub.add_parser(name, help=help, formatter_class=DefaultsHelpFormatter)
     p.add_argument("model", type=Path, help=MODEL_HELP)
+    p.set_defaults(command_parser=p)
     return p
 
 
@@ -351,43 +401,47 @@ def _data_options(p) -> None:
 def add_model_parsers(sub) -> None:
     p = _model_parser(sub, "eval", "test-set ELBO and importance-sampled log-likelihood of a model")
     _data_options(p)
-    p.add_argument("--is-samples", type=int, default=0, help="importance samples for log p(x) (5000 for papers)")
-    p.add_argument("--batch-size", type=int, default=500, help="examples per batch")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the binarization")
+    p.add_argument("--is-samples", type=Range(ge=0, integer=True), default=0,
+                   help="importance samples for log p(x), 5000 for papers; 0: the ELBO only")
+    p.add_argument("--batch-size", type=Range(ge=1, integer=True), default=500, help="examples per batch")
+    p.add_argument("--limit", type=Range(ge=1, integer=True), default=None, help="evaluate only the first N examples")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the noise and the binarization")
     p.set_defaults(func=cmd_eval)
 
     p = _model_parser(sub, "sample", "PNG grid of samples from the prior")
-    p.add_argument("--num", type=int, default=64, help="number of samples")
-    p.add_argument("--condition", default=None, help="class index (e.g. 7) or comma-separated attribute vector")
-    p.add_argument("--per-class", type=int, default=0, metavar="N",
-                   help="conditional models: N samples of every class, one row per class")
+    p.add_argument("--num", type=Range(ge=1, integer=True), default=64, help="number of samples")
+    p.add_argument("--condition", type=_condition, default=None,
+                   help="class index (e.g. 7) or comma-separated attribute vector")
+    p.add_argument("--per-class", type=Range(ge=0, integer=True), default=0, metavar="N",
+                   help="conditional models: N samples of every class, one row per class; 0: off")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior draws")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the prior draws")
     p.set_defaults(func=cmd_sample)
 
     p = _model_parser(sub, "reconstruct", "PNG of test inputs beside their reconstructions")
     _data_options(p)
-    p.add_argument("--num", type=int, default=32, help="number of inputs")
+    p.add_argument("--num", type=Range(ge=1, integer=True), default=32, help="number of inputs")
     p.add_argument("--out", type=Path, default=Path("reconstructions.png"), help="PNG to write")
     p.set_defaults(func=cmd_reconstruct)
 
     p = _model_parser(sub, "interpolate", "PNG grid: one row per pair of images, decoded along the line "
                                           "between their latent codes")
     _data_options(p)
-    p.add_argument("--pairs", type=int, default=8, help="pairs of images (rows), drawn at random from the data")
-    p.add_argument("--steps", type=int, default=10, help="images per row, both ends included")
+    p.add_argument("--pairs", type=Range(ge=1, integer=True), default=8,
+                   help="pairs of images (rows), drawn at random from the data")
+    p.add_argument("--steps", type=Range(ge=2, integer=True), default=10, help="images per row, both ends included")
     p.add_argument("--out", type=Path, default=Path("interpolations.png"), help="PNG to write")
-    p.add_argument("--seed", type=int, default=0, help="seed of the choice of pairs")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the choice of pairs")
     p.set_defaults(func=cmd_interpolate)
 
     p = _model_parser(sub, "traverse", "PNG grid: one row per latent dimension, swept around one image's code")
     _data_options(p)
-    p.add_argument("--index", type=int, default=0, help="which image of the data to start from")
-    p.add_argument("--dims", type=_int_list, default=None, help="latent dimensions to sweep, e.g. 0,3,5 "
-                                                                "(default: all, up to 16)")
-    p.add_argument("--steps", type=int, default=9, help="images per row")
-    p.add_argument("--span", type=float, default=3.0, help="sweep mu-span .. mu+span (prior standard deviations)")
+    p.add_argument("--index", type=Range(ge=0, integer=True), default=0, help="which image of the data to start from")
+    p.add_argument("--dims", type=CommaSeparated(Range(ge=0, integer=True)), default=None,
+                   help="latent dimensions to sweep, e.g. 0,3,5; all (up to 16) when not given")
+    p.add_argument("--steps", type=Range(ge=2, integer=True), default=9, help="images per row")
+    p.add_argument("--span", type=Range(gt=0, finite=True), default=3.0,
+                   help="sweep mu-span .. mu+span (prior standard deviations)")
     p.add_argument("--out", type=Path, default=Path("traversal.png"), help="PNG to write")
     p.set_defaults(func=cmd_traverse)
 
@@ -410,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time the fused ops against eager PyTorch on this machine (< 1 minute)",
                            formatter_class=DefaultsHelpFormatter)
-    bench.add_argument("--seconds", type=float, default=1.5, help="time budget per case")
+    bench.add_argument("--seconds", type=Range(gt=0, finite=True), default=1.5, help="time budget per case")
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -424,9 +478,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fastvae list | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
-    except (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError) as exc:
-        print(f"fastvae {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"fastvae {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+
+
+# What users cause: the library's UserErrors, bad values and files, a missing optional package, a
+# device out of memory. Anything else (TypeError, KeyError, a RuntimeError from inside torch) is a bug
+# and keeps its traceback.
+USER_ERRORS = (UserError, ValueError, OSError, ImportError, torch.cuda.OutOfMemoryError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (torch's and the OS's messages can span several)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

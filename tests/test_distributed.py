@@ -1,5 +1,6 @@
 """Data-parallel training: 2 CPU processes under torchrun match one process on the same global batch."""
 
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,24 @@ def test_process_group_owns_the_teardown(monkeypatch):
         with distributed.process_group("cpu"):
             raise KeyError("a rank failed")
     assert calls == ["join", ("leave", False)]
+
+
+def test_under_torchrun_a_busy_folder_stops_every_rank(tmp_path):
+    """Rank 0 cannot lock the folder: every rank stops at once with the same line (no rank trains, none
+    waits for a peer that stopped); torchrun started directly, so the launcher's early check is not there."""
+    from fastvae.training import runlock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fd = runlock.acquire(folder)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastvae",
+             "train", "--out", str(folder), *ARGS], capture_output=True, text=True, timeout=600)
+    finally:
+        runlock.release(folder, fd)
+    assert result.returncode != 0
+    busy = [line for line in result.stderr.splitlines() if "fastvae train: error:" in line]
+    assert len(busy) == 2 and all(f"is in use: process {os.getpid()}" in line for line in busy), \
+        result.stderr[-3000:]
+    assert not (folder / "checkpoint.pt").exists()

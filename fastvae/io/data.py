@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,7 @@ def _load_idx_folder(folder: Path, split: str, name: str) -> ImageDataset:
     pairs = [_load_idx_pair(folder, part) for part in parts]
     images = np.concatenate([p[0] for p in pairs])
     labels = np.concatenate([p[1] for p in pairs])
-    x = _to_float_images(images, folder)
+    x = _require_images(_to_float_images(images, folder), f"{folder} (split {split!r})")
     y = torch.from_numpy(labels.astype(np.int64))
     # MNIST-style sets have 10 classes; a small split may not show all of them.
     return ImageDataset(x, y, max(10, int(labels.max(initial=0)) + 1), name, binary_benchmark=True)
@@ -230,22 +231,104 @@ def _load_idx_pair(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------- numpy
 
 
+# The first bytes of each kind of file a .npy or .npz name may hold.
+_NPY_MAGIC, _ZIP_MAGICS, _PICKLE_MAGIC = b"\x93NUMPY", (b"PK\x03\x04", b"PK\x05\x06"), b"\x80"
+_SAVE_HINT = "save the images with numpy.save (.npy) or numpy.savez (.npz) as a uint8 (0..255) or float (0..1) array"
+_NEVER_UNPICKLED = "fastvae never unpickles data files, since unpickling can run any code"
+
+
+def _check_numpy_file(path: Path) -> None:
+    """Refuse, naming the file and what was expected, a .npy/.npz that cannot be read, holds something
+    else than its name says (a CSV, a pickle, the other format), or holds Python objects, which only
+    unpickling could load: all before numpy reads it, and never suggesting unsafe loading."""
+    expected = "npz" if path.suffix == ".npz" else "npy"
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read this file ({exc.strerror or exc})") from None
+    if head.startswith(_NPY_MAGIC):
+        kind = "npy"
+    elif head.startswith(_ZIP_MAGICS):
+        kind = "npz"
+    elif not head:
+        raise ValueError(f"{path}: empty file; {_SAVE_HINT}")
+    elif head.startswith(_PICKLE_MAGIC):
+        raise ValueError(f"{path}: holds pickled Python objects, not a NumPy array; {_NEVER_UNPICKLED}: {_SAVE_HINT}")
+    else:
+        raise ValueError(f"{path}: not a NumPy .{expected} file (it starts with {head!r}: a text or CSV file "
+                         f"under a .{expected} name?); {_SAVE_HINT}")
+    if kind != expected:
+        raise ValueError(f"{path}: a NumPy .{kind} file under a .{expected} name; rename it to {path.stem}.{kind}")
+    for name, dtype in _array_dtypes(path, kind):
+        if dtype is not None and dtype.hasobject:
+            where = path if kind == "npy" else f"{path} ({name})"
+            raise ValueError(f"{where}: holds an array of Python objects (dtype {dtype}), stored pickled; "
+                             f"{_NEVER_UNPICKLED}: {_SAVE_HINT}")
+
+
+def _array_dtypes(path: Path, kind: str) -> list[tuple[str, np.dtype | None]]:
+    """(name, dtype) of the array in a .npy file or of each array in an .npz archive, from their headers."""
+    if kind == "npy":
+        with path.open("rb") as f:
+            return [(path.name, _npy_dtype(f))]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".npy")]
+            dtypes = []
+            for name in names:
+                with archive.open(name) as f:
+                    dtypes.append((name, _npy_dtype(f)))
+            return dtypes
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{path}: damaged or truncated .npz archive ({exc})") from None
+
+
+def _npy_dtype(f) -> np.dtype | None:
+    """The dtype in a .npy header (None where the header is not one numpy's public readers know)."""
+    try:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = getattr(np.lib.format, f"read_array_header_{major}_0", None)
+        return None if read_header is None else read_header(f)[2]
+    except (ValueError, EOFError, OSError):
+        return None  # np.load then names what is damaged
+
+
+def _read_numpy(path: Path, read):
+    """read() of a checked .npy/.npz (see _check_numpy_file), a damaged file named with numpy's reason."""
+    _check_numpy_file(path)
+    try:
+        return read()
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        reason = "" if "pickle" in str(exc) else f" ({str(exc).splitlines()[0]})"
+        raise ValueError(f"{path}: damaged or truncated NumPy file{reason}") from None
+
+
+def _require_images(x: torch.Tensor, where) -> torch.Tensor:
+    if len(x) == 0:
+        raise ValueError(f"{where}: holds no images (shape {tuple(x.shape)}); expected at least one")
+    return x
+
+
 def _load_npy(path: Path, split: str) -> ImageDataset:
-    array = np.load(path, allow_pickle=False)
-    x = _to_float_images(array, path)
+    array = _read_numpy(path, lambda: np.load(path, allow_pickle=False))
+    x = _require_images(_to_float_images(array, path), path)
     return _split_dataset(x, None, split, path.stem)
 
 
 def _load_npz(path: Path, split: str) -> ImageDataset:
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
+    def read():
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+
+    arrays = _read_numpy(path, read)
     if "x_train" in arrays or "x_test" in arrays:
         return _load_npz_splits(arrays, path, split)
     image_key = next((k for k in ("images", "x") if k in arrays), None)
     if image_key is None:
         raise ValueError(f"{path}: expected an array named 'images' or 'x' (or 'x_train'/'x_test'); found {sorted(arrays)}")
     label_key = next((k for k in ("labels", "y") if k in arrays), None)
-    x = _to_float_images(arrays[image_key], path)
+    x = _require_images(_to_float_images(arrays[image_key], path), f"{path} ({image_key})")
     y = _to_labels(arrays[label_key], len(x), path) if label_key else None
     return _split_dataset(x, y, split, path.stem)
 
@@ -257,6 +340,7 @@ def _load_npz_splits(arrays: dict, path: Path, split: str) -> ImageDataset:
     if missing:
         raise ValueError(f"{path}: split {split!r} needs {', '.join(missing)}; found {sorted(arrays)}")
     x = torch.cat([_to_float_images(arrays[f"x_{p}"], path) for p in parts])
+    _require_images(x, f"{path} ({' and '.join(f'x_{p}' for p in parts)})")
     has_labels = all(f"y_{p}" in arrays for p in ("train", "test") if f"x_{p}" in arrays)
     if not has_labels:
         return ImageDataset(x, None, 0, path.stem)

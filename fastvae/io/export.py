@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..training.checkpoint import load_model
+from ..training.checkpoint import load_model, temporary_name
 from ..models.vae import VAE
 
 WEIGHTS_NAME = "model.safetensors"
@@ -62,15 +62,25 @@ def save_pretrained(model: VAE, out_dir, train_config: dict | None = None) -> Pa
 
 
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """write(tmp), then rename tmp to path; the file gets the permissions the umask allows (0666 & ~umask)
+    like every other file a run writes: safetensors creates its files 0600, which a colleague cannot read."""
+    tmp = temporary_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise ValueError(f"could not write {path}: {exc.strerror or exc}") from None
         raise
+
+
+def current_umask() -> int:
+    """This process's umask (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_config(folder) -> dict:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..errors import UserError
 from ..ops import reference
 from .plugins import PluginTable, format_rows
 
@@ -156,7 +157,11 @@ def resolve_auto(images: Tensor, binary_benchmark: bool = False) -> tuple[str, s
     for wider in DATA_KINDS[DATA_KINDS.index(kind):]:
         if AUTO_CHOICES[wider] in registered:
             return AUTO_CHOICES[wider], reason
-    raise LookupError(f"no registered likelihood models {DATA_DESCRIPTIONS[kind]} data")
+    raise NoLikelihoodForData(f"no registered likelihood models {DATA_DESCRIPTIONS[kind]} data")
+
+
+class NoLikelihoodForData(UserError, LookupError):
+    """likelihood "auto" found no registered likelihood for the data; pass --likelihood."""
 
 
 def bits_per_dim(nats: float, shape) -> float:

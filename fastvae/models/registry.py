@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..errors import UserError
 from . import likelihoods, objectives
 from .plugins import BUILTIN  # noqa: F401  (registry.BUILTIN, the source of fastvae's own architectures)
 from .plugins import DuplicateNameError, PluginGroup, PluginTable, UnknownNameError, column_lines
@@ -219,13 +220,18 @@ def reload_plugins() -> None:
 
 
 # ----------------------------------------------------------------------------- lookup
+class ArchitectureConfigError(UserError, TypeError):
+    """An architecture configuration (arch_config, --hidden) names a keyword the architecture does not take."""
+
+
 def _build(kind: str, name: str, config: dict) -> nn.Module:
     cls = _table(kind).get(name).cls
     signature = inspect.signature(cls)
     try:
         signature.bind(**config)
     except TypeError as exc:  # name the architecture and what it accepts, not just "__init__()"
-        raise TypeError(f"{kind} {name!r}: {exc}; it accepts {', '.join(signature.parameters)}") from None
+        raise ArchitectureConfigError(f"{kind} {name!r}: {exc}; it accepts {', '.join(signature.parameters)}") \
+            from None
     return cls(**config)
 
 

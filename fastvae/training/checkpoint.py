@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models.vae import VAE
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(UserError, RuntimeError):
     """The checkpoint could not be written; the message says why, where, and what was kept."""
 
 
@@ -24,7 +25,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     On failure the temporary file is removed and the previous checkpoint stays as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -33,18 +34,32 @@ def save_checkpoint(path: Path, state: dict) -> None:
         raise CheckpointWriteError(_write_failure(path, state, exc)) from None
 
 
+def temporary_name(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: named per process, so that two
+    processes writing the same file never write into, or remove, each other's temporary file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _write_failure(path: Path, state: dict, exc: BaseException) -> str:
-    """One sentence: why the write failed, where, and which checkpoint is kept."""
-    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-    if getattr(exc, "errno", None) == errno.ENOSPC or free < _tensor_bytes(state):
-        reason = f"the disk holding {path.parent} is full ({free} bytes free)"
+    """One sentence: why the write failed, where, which checkpoint is kept, and what to do."""
+    if _disk_full(path, state, exc):
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        reason, advice = f"the disk holding {path.parent} is full ({free} bytes free)", "free space"
     else:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+        advice = "fix that"
     try:
         kept = f"the previous checkpoint (epoch {load_checkpoint(path)['epoch']}) is kept at {path}"
     except (FileNotFoundError, ValueError):
         kept = "no earlier checkpoint exists"
-    return f"could not write the checkpoint {path}: {reason}; {kept}; free space and continue with --resume"
+    return f"could not write the checkpoint {path}: {reason}; {kept}; {advice} and continue with --resume"
+
+
+def _disk_full(path: Path, state: dict, exc: BaseException) -> bool:
+    """ENOSPC, or torch's short write (a RuntimeError without an errno) with less room left than the tensors need."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return path.parent.exists() and shutil.disk_usage(path.parent).free < _tensor_bytes(state)
 
 
 def _tensor_bytes(value) -> int:

@@ -6,12 +6,12 @@ The command line, the checkpoint and the Python API all read their choices and d
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..models import likelihoods, objectives
+from ..ranges import SEED, AvailableDevice, Range
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "adagrad": torch.optim.Adagrad}
@@ -20,17 +20,47 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 BINARIZE_MODES = ("dynamic", "threshold", "none")
 
 
-def option(default, help: str, *, flag: str | None = None, choices=None, parse=None, factory=None):
+def option(default, help: str, *, flag: str | None = None, choices=None, parse=None, factory=None, check=None,
+           applies=None):
     """A TrainConfig field that also declares its command-line option.
 
     flag: the option's name when it is not the field's name with dashes (e.g. --out for out_dir);
     choices: the allowed values (a tuple, or a callable returning them when they can grow, such as
-    registered names); parse: argparse's type= when it differs from the default's type.
+    registered names); parse: argparse's type= when it differs from the default's type;
+    check: a fastvae.ranges check (a Range, AvailableDevice) that validate() applies to the value
+    (None skips it) and --help shows; applies: config -> None when the field means something in
+    that configuration, else the reason it does not (a field chosen where it does not apply is refused).
     """
-    metadata = {"help": help, "flag": flag, "choices": choices, "parse": parse}
+    metadata = {"help": help, "flag": flag, "choices": choices, "parse": parse, "check": check, "applies": applies}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The command-line option of a TrainConfig field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A field's value is refused: `detail` completes a sentence that starts with the field's name
+    (the command line puts the option's flag there instead)."""
+
+    def __init__(self, field_name: str, detail: str):
+        super().__init__(f"{field_name} {detail}")
+        self.field_name, self.detail = field_name, detail
+
+
+def _binarize_applies(config) -> str | None:
+    if config.binarize == "none" or config.likelihood == likelihoods.AUTO or likelihoods.get(config.likelihood).binarize:
+        return None
+    return f"only likelihoods for binary data (bernoulli) are binarized, and this run's is {config.likelihood}"
+
+
+def _gaussian_logvar_applies(config) -> str | None:
+    if config.likelihood in (likelihoods.AUTO, "gaussian"):
+        return None
+    return f"it is the gaussian likelihood's log-variance, and this run's likelihood is {config.likelihood}"
 
 
 @dataclass
@@ -44,35 +74,38 @@ class TrainConfig:
     decoder: str | None = option(None, "registered decoder name (default: same as --encoder)")
     arch_config: dict = option(None, 'architecture keyword configuration as JSON, e.g. \'{"activation": "relu"}\'',
                                factory=dict, parse="json")
-    latent_dim: int = option(8, "latent dimensions")
+    latent_dim: int = option(8, "latent dimensions", check=Range(ge=1, integer=True))
     likelihood: str = option(likelihoods.AUTO, "decoder likelihood (see `fastvae list`); auto: one that fits the "
                                                "data (bernoulli for binary and MNIST-style sets, discretized_logistic "
                                                "for 8-bit images, ...)",
                              choices=lambda: (likelihoods.AUTO, *likelihoods.names()))
     gaussian_logvar: float = option(0.0, "log-variance of the fixed-variance gaussian likelihood (pixels in [0, 1]: "
-                                         "try -5)")
+                                         "try -5)", check=Range(finite=True), applies=_gaussian_logvar_applies)
     binarize: str = option("dynamic", "for bernoulli: resample binary images each epoch (dynamic), threshold at "
-                                      "0.5, or none", choices=BINARIZE_MODES)
+                                      "0.5, or none", choices=BINARIZE_MODES, applies=_binarize_applies)
     objective: str = option("analytic", "SGVB-B (analytic KL), SGVB-A (monte_carlo), the IWAE bound, or a plugin's "
                                         "(see `fastvae list`)", choices=objectives.names)
-    num_samples: int = option(1, "L: latent samples per example (k for iwae)", flag="--samples")
-    beta: float = option(1.0, "weight of the KL term")
-    warmup_epochs: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", flag="--warmup")
+    num_samples: int = option(1, "L: latent samples per example (k for iwae)", flag="--samples",
+                              check=Range(ge=1, integer=True))
+    beta: float = option(1.0, "weight of the KL term", check=Range(ge=0))
+    warmup_epochs: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", flag="--warmup",
+                                  check=Range(ge=0))
     optimizer: str = option("adam", "optimizer", choices=tuple(OPTIMIZERS))
-    lr: float = option(1e-3, "learning rate")
+    lr: float = option(1e-3, "learning rate", check=Range(gt=0))
     lr_schedule: str = option("constant", "learning-rate schedule: constant; cosine to zero; burda, the steps of "
                                           "Burda et al. 2016 (lr * 10^(-i/7) for 3^i of every 3280 epochs, i = 0..7). "
                                           "cosine and burda span --epochs, or with --max-minutes the epochs that fit "
                                           "in it (planned from the measured epoch time)", choices=LR_SCHEDULES)
-    batch_size: int = option(100, "minibatch size M")
-    epochs: int = option(120, "training epochs")
-    seed: int = option(0, "seed of weights, shuffling, binarization and noise")
-    val_fraction: float = option(0.1, "share of the training set held out for validation")
+    batch_size: int = option(100, "minibatch size M", check=Range(ge=1, integer=True))
+    epochs: int = option(120, "training epochs", check=Range(ge=1, integer=True))
+    seed: int = option(0, "seed of weights, shuffling, binarization and noise", check=SEED)
+    val_fraction: float = option(0.1, "share of the training set held out for validation", check=Range(ge=0, lt=1))
     conditional: bool = option(False, "condition encoder and decoder on the labels")
     precision: str = option("fp32", "bf16 autocast (CPU or GPU), fp16 autocast with gradient scaling (GPU only)",
                             choices=PRECISIONS)
-    max_minutes: float | None = option(None, "stop after the epoch that crosses this time budget", parse=float)
-    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    max_minutes: float | None = option(None, "stop after the epoch that crosses this time budget", parse=float,
+                                      check=Range(gt=0))
+    device: str = option("cpu", "torch device, e.g. cpu or cuda", check=AvailableDevice())
     tensorboard: bool = option(False, "also log scalars and pictures to OUT/tensorboard (needs the tensorboard "
                                       "package: pip install 'fastvae[tensorboard]')")
 
@@ -85,22 +118,31 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.precision != "fp16" or self.device.startswith("cuda"),
              "precision fp16 needs a CUDA device (--device cuda); on CPU use bf16"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
-            (math.isfinite(self.gaussian_logvar), f"gaussian_logvar must be finite, got {self.gaussian_logvar}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
-            (self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}"),
             (self.binarize in BINARIZE_MODES, f"binarize must be one of {BINARIZE_MODES}, got {self.binarize!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_declared()
+
+    def _check_declared(self) -> None:
+        """Each field's declared check (option(check=...)): a new field is checked by declaring one."""
+        for f in fields(self):
+            check, value = f.metadata.get("check"), getattr(self, f.name)
+            problem = None if check is None or value is None else check.problem(value)
+            if problem is not None:
+                raise ConfigError(f.name, problem)
+
+    def check_applies(self, chosen) -> None:
+        """Refuse a field among `chosen` (names) that means nothing in this configuration
+        (option(applies=...)), e.g. binarize for a Gaussian: a choice is applied or refused, never ignored."""
+        for f in fields(self):
+            applies = f.metadata.get("applies")
+            reason = applies(self) if applies is not None and f.name in chosen else None
+            if reason is not None:
+                raise ConfigError(f.name, f"{getattr(self, f.name)} does not apply: {reason}")
 
     @property
     def binarize_mode(self) -> str:

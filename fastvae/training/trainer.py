@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..io import data as data_lib
-from . import distributed
+from . import distributed, runlock
 from ..models import likelihoods
 from .. import ops
 from .callbacks import Callback, TensorBoardLogger
@@ -56,7 +57,7 @@ def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
     return OPTIMIZERS[name](parameters, lr=lr, foreach=True)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """A loss or gradient became NaN or infinite; the message says which and where."""
 
 
@@ -78,9 +79,14 @@ class Trainer:
     """Runs the SGVB loop for one model on in-memory data."""
 
     def __init__(self, config: TrainConfig, train_set, val_set=None, model: VAE | None = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), chosen=None):
+        """chosen: the names of the fields the caller chose (default: those that differ from their
+        defaults); one that does not apply to this run (binarize for a Gaussian, ...) is refused."""
         config.validate()
+        if len(train_set) == 0:
+            raise ValueError(f"the training set {train_set.name!r} has no images")
         config, self.likelihood_choice = resolve_likelihood(config, train_set)
+        config.check_applies(config.set_fields() if chosen is None else chosen)
         self.config = config
         self.train_set = train_set
         self.val_set = val_set
@@ -503,8 +509,13 @@ def resume_conflicts(config: TrainConfig, run: TrainConfig, names) -> list[str]:
     return [name for name in sorted(names) if name not in RESUMABLE_FIELDS and getattr(config, name) != getattr(run, name)]
 
 
-def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = ()) -> tuple[Trainer, list[dict]]:
+def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callback] = (),
+          chosen=None) -> tuple[Trainer, list[dict]]:
     """Load the data, train (or resume), and write the pictures next to the checkpoint.
+
+    The run holds its output folder's lock (training/runlock.py) from before the Trainer is built until
+    it returns: a second run into the same folder is refused (RunFolderBusy) instead of mixing its files
+    in. chosen: as for Trainer (default: the fields `config` sets to other than their defaults).
 
     Resuming takes the run's configuration from its checkpoint; only RESUMABLE_FIELDS (`epochs`
     to extend a run, `max_minutes`, `tensorboard`) come from `config`, and any other field that
@@ -512,6 +523,7 @@ def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callbac
     TensorBoardLogger writing to <out_dir>/tensorboard to `callbacks` (a fresh run replaces the
     event files an earlier run left there; a resumed one appends).
     """
+    chosen = config.set_fields() if chosen is None else set(chosen)
     if resume:
         run = resumed_config(config)
         # A field set to something else than its default is a choice: refuse it rather than drop it.
@@ -526,7 +538,13 @@ def train(config: TrainConfig, resume: bool = False, callbacks: Sequence[Callbac
     config.validate()
     full = data_lib.load_dataset(config.data, "train")
     train_set, val_set = split_validation(full, config.val_fraction)
-    trainer = Trainer(config, train_set, val_set, callbacks=callbacks)
+    world = distributed.init_from_environment(torch.device(config.device))
+    with runlock.hold(make_output_folder(config.out_dir), world):
+        return _train_holding_the_folder(config, resume, callbacks, chosen, train_set, val_set)
+
+
+def _train_holding_the_folder(config, resume, callbacks, chosen, train_set, val_set):
+    trainer = Trainer(config, train_set, val_set, callbacks=callbacks, chosen=chosen)
     if trainer.likelihood_choice and trainer.world.is_main:
         tqdm.write(trainer.likelihood_choice)
     if config.tensorboard and trainer.world.is_main:
