@@ -1,8 +1,11 @@
 """Training objectives: the lower bounds on log p(x) that the VAE maximizes, one table.
 
 Each bound maps the per-sample terms of the fused latent and likelihood ops, in nats,
-    rec[l, b] = log p(x_b | z_lb), kl[b] = KL(q(z|x_b) || N(0, I)), log_q[l, b], log_p[l, b]
-(L samples of B examples) and the KL weight beta to the bound per example, (B,).
+    rec[l, b] = log p(x_b | z_lb), kl[b] = KL(q(z|x_b) || p(z)), log_q[l, b], log_p[l, b]
+(L samples of B examples) and the KL weight beta to the bound per example, (B,). kl is analytic
+where the prior has a closed form (N(0, I)); for the others (mixtures) it is the Monte Carlo
+estimate mean_l (log_q - log_p), which makes "analytic" the "monte_carlo" bound (the VAE warns:
+fastvae/models/priors.py, monte_carlo_kl_note).
 Third-party packages add objectives with register_objective, or through an entry point in
 the "fastvae.objectives" group (see fastvae/models/plugins.py).
 """
