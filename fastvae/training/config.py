@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..models import likelihoods, objectives
+from ..models import likelihoods, objectives, priors
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "adagrad": torch.optim.Adagrad}
@@ -55,6 +55,13 @@ class TrainConfig:
                                       "0.5, or none", choices=BINARIZE_MODES)
     objective: str = option("analytic", "SGVB-B (analytic KL), SGVB-A (monte_carlo), the IWAE bound, or a plugin's "
                                         "(see `fastvae list`)", choices=objectives.names)
+    prior: str = option(priors.STANDARD, "prior p(z) (see `fastvae list`): standard N(0, I); mog, a learned "
+                                         "mixture of K Gaussians; vamp, the VampPrior of K pseudo-inputs. Without "
+                                         "an analytic KL the analytic objective uses the Monte Carlo KL (warned)",
+                        choices=priors.names)
+    prior_components: int | None = option(None, "K: mixture components (mog) or pseudo-inputs (vamp); default: "
+                                                "the prior's own (see `fastvae list`); refused for standard",
+                                          parse=int)
     num_samples: int = option(1, "L: latent samples per example (k for iwae)", flag="--samples")
     beta: float = option(1.0, "weight of the KL term")
     warmup_epochs: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", flag="--warmup")
@@ -80,6 +87,7 @@ class TrainConfig:
         if self.likelihood != likelihoods.AUTO:
             likelihoods.get(self.likelihood)  # unknown names raise, naming the known ones
         objectives.get(self.objective)
+        priors.components_of(self.prior, self.prior_components)  # unknown priors and bad counts raise
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),

@@ -99,6 +99,7 @@ class Trainer:
                     train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,
                     encoder_config=config.arch_config, decoder_config=config.arch_config,
                     condition_dim=condition_dim, gaussian_logvar=config.gaussian_logvar,
+                    prior=config.prior, prior_components=config.prior_components,
                 )
         self.model = model.to(self.device)
         self.model.likelihood_spec.check_data(train_set.images, f"the training set {train_set.name!r}")
