@@ -202,13 +202,17 @@ class VAE(nn.Module):
         stl: bool = False,
         generator: torch.Generator | None = None,
         row_offset: int = 0,
+        objective_settings: dict | None = None,
     ) -> VAEOutput:
         """Encode, sample L latents per example in the fused op, decode, and score.
 
         row_offset: global index of x's first example, for data-parallel shards (the
         noise of an example then does not depend on how the batch was split).
+        objective_settings: values of the objective's declared settings (beta_tcvae: alpha, gamma,
+        dataset_size); an objective without settings takes none.
         """
-        bound_of = objectives.get(objective).bound  # an unknown name fails before any work
+        spec = objectives.get(objective)  # an unknown name or setting fails before any work
+        settings = spec.settings_with(objective_settings)
         self._check_input(x, condition)
         mu, logvar = self.encode(x, condition)
         latent = ops.latent_terms(mu, logvar, num_samples, generator=generator, stl=stl, row_offset=row_offset)
@@ -216,7 +220,8 @@ class VAE(nn.Module):
         if objective == "analytic" and not self.prior.analytic_kl:
             self._warn_monte_carlo_kl()
         mean_decoded, rec = self._decode_and_score(latent.z, condition, x, objective)
-        elbo = bound_of(rec, kl, latent.log_q, log_p, beta)
+        latents = None if spec.settings is None else objectives.LatentBatch(latent.z, mu, logvar, settings)
+        elbo = spec.evaluate(rec, kl, latent.log_q, log_p, beta, latents)
         return VAEOutput(latent.z, mu, logvar, mean_decoded, rec, kl, latent.log_q, log_p, elbo, -elbo.mean())
 
     def prior_terms(self, mu: Tensor, logvar: Tensor, latent: ops.LatentTerms) -> tuple[Tensor, Tensor]:
@@ -337,6 +342,8 @@ class VAE(nn.Module):
         return self.mean_image(self.decode(z, None if cond is None else cond.expand(len(dims), steps, -1)))
 
 
-def bound(objective: str, rec: Tensor, kl: Tensor, log_q: Tensor, log_p: Tensor, beta: float = 1.0) -> Tensor:
-    """The per-example lower bound of the registered `objective` from the per-sample terms (L, B)."""
-    return objectives.get(objective).bound(rec, kl, log_q, log_p, beta)
+def bound(objective: str, rec: Tensor, kl: Tensor, log_q: Tensor, log_p: Tensor, beta: float = 1.0,
+          latents: objectives.LatentBatch | None = None) -> Tensor:
+    """The per-example lower bound of the registered `objective` from the per-sample terms (L, B)
+    (and, for an objective with settings, the batch's latents)."""
+    return objectives.get(objective).evaluate(rec, kl, log_q, log_p, beta, latents)

@@ -18,6 +18,8 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 LR_SCHEDULES = ("constant", "cosine", "burda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BINARIZE_MODES = ("dynamic", "threshold", "none")
+# Objective settings (objectives.Objective.settings) and the TrainConfig fields that give them.
+OBJECTIVE_SETTING_FIELDS = {"alpha": "tc_alpha", "gamma": "tc_gamma"}
 
 
 def option(default, help: str, *, flag: str | None = None, choices=None, parse=None, factory=None):
@@ -63,7 +65,9 @@ class TrainConfig:
                                                 "the prior's own (see `fastvae list`); refused for standard",
                                           parse=int)
     num_samples: int = option(1, "L: latent samples per example (k for iwae)", flag="--samples")
-    beta: float = option(1.0, "weight of the KL term")
+    beta: float = option(1.0, "weight of the KL term (beta_tcvae: of the total correlation)")
+    tc_alpha: float = option(1.0, "beta_tcvae: weight alpha of the index-code mutual information")
+    tc_gamma: float = option(1.0, "beta_tcvae: weight gamma of the dimension-wise KL")
     warmup_epochs: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", flag="--warmup")
     optimizer: str = option("adam", "optimizer", choices=tuple(OPTIMIZERS))
     lr: float = option(1e-3, "learning rate")
@@ -88,6 +92,7 @@ class TrainConfig:
             likelihoods.get(self.likelihood)  # unknown names raise, naming the known ones
         objectives.get(self.objective)
         priors.components_of(self.prior, self.prior_components)  # unknown priors and bad counts raise
+        self._check_objective_settings()
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
@@ -109,6 +114,25 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_objective_settings(self) -> None:
+        declared = objectives.get(self.objective).settings or {}
+        for setting, name in OBJECTIVE_SETTING_FIELDS.items():
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} ({flag}) must be a finite number >= 0, got {value}")
+            if setting not in declared and name in self.set_fields():
+                users = [o for o in objectives.names() if setting in (objectives.get(o).settings or {})]
+                raise ValueError(f"{name} ({flag}) is a setting of objective {', '.join(users)}, not of "
+                                 f"{self.objective!r}")
+
+    def objective_settings(self, dataset_size: int) -> dict:
+        """The values of the objective's declared settings this configuration gives (see OBJECTIVE_SETTING_FIELDS);
+        dataset_size: the training set's size N, for the estimators that need it."""
+        declared = objectives.get(self.objective).settings or {}
+        values = {setting: getattr(self, name) for setting, name in OBJECTIVE_SETTING_FIELDS.items()}
+        values["dataset_size"] = dataset_size
+        return {setting: value for setting, value in values.items() if setting in declared}
 
     @property
     def binarize_mode(self) -> str:
