@@ -320,9 +320,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .models import likelihoods, objectives, registry
+    from .models import likelihoods, objectives, priors, registry
 
-    print("\n\n".join([registry.format_table(), likelihoods.format_table(), objectives.format_table()]))
+    print("\n\n".join([registry.format_table(), likelihoods.format_table(), objectives.format_table(),
+                       priors.format_table()]))
     return 0
 
 
@@ -449,7 +450,7 @@ def add_model_parsers(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("list", help="registered architectures, likelihoods and objectives, plugins included")
+    p = sub.add_parser("list", help="registered architectures, likelihoods, objectives and priors, plugins included")
     p.set_defaults(func=cmd_list)
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fastvae.models import likelihoods, objectives, registry
+from fastvae.models import likelihoods, objectives, priors, registry
 
 # deadline=None: the first call of an op shape can be slow on a loaded machine (allocation,
 # thread start-up); a timing limit would fail correct code.
@@ -27,9 +27,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 @pytest.fixture
 def scratch_registries(monkeypatch):
-    """Run a test on copies of the architecture registry and the likelihood and objective tables,
+    """Run a test on copies of the architecture registry and the likelihood, objective and prior tables,
     so what it registers (or what plugins it installs register) never leaks into another test."""
-    for table in (registry.ENCODERS, registry.DECODERS, likelihoods.LIKELIHOODS, objectives.OBJECTIVES):
+    for table in (registry.ENCODERS, registry.DECODERS, likelihoods.LIKELIHOODS, objectives.OBJECTIVES, priors.PRIORS):
         table.names()  # built-ins and installed plugins in place before the copy
         monkeypatch.setattr(table, "_entries", dict(table._entries))
         monkeypatch.setattr(table.group, "loaded", True)

@@ -1,1 +1,1 @@
-"""The models: the VAE, its likelihoods and objectives, and the registry of encoder/decoder architectures."""
+"""The models: the VAE, its likelihoods, priors and objectives, and the registry of encoder/decoder architectures."""

@@ -1,4 +1,4 @@
-"""Named tables that third-party packages extend: architectures, likelihoods, objectives.
+"""Named tables that third-party packages extend: architectures, likelihoods, objectives, priors.
 
 A table holds frozen declaration objects under their `name`. The built-ins register when
 their module is imported; plugins are distributions declaring an entry point in the table's

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..errors import UserError
-from . import likelihoods, objectives
+from . import likelihoods, objectives, priors
 from .plugins import BUILTIN  # noqa: F401  (registry.BUILTIN, the source of fastvae's own architectures)
 from .plugins import DuplicateNameError, PluginGroup, PluginTable, UnknownNameError, column_lines
 
@@ -213,10 +213,11 @@ def unregister(kind: str, name: str) -> None:
 
 def reload_plugins() -> None:
     """Forget what plugins registered and scan the entry points again (after an install, in tests):
-    architectures, likelihoods and objectives."""
+    architectures, likelihoods, objectives and priors."""
     ARCHITECTURES.reload()
     likelihoods.reload_plugins()
     objectives.reload_plugins()
+    priors.reload_plugins()
 
 
 # ----------------------------------------------------------------------------- lookup

@@ -2,11 +2,13 @@
 
 Every loss term is per example, summed over data and latent dimensions, in nats:
     rec[l, b]   = log p(x_b | z_lb)        (fused likelihood op)
-    kl[b]       = KL(q(z|x_b) || N(0, I))  (analytic, fused latent op)
-    log_q, log_p[l, b]                     (fused latent op)
-The likelihood (fastvae/models/likelihoods.py) and the objective (fastvae/models/objectives.py) are
-declarations looked up by name, built-in or from a plugin. Built-in objectives
-(docs/DESIGN.md section 1):
+    kl[b]       = KL(q(z|x_b) || p(z))     (analytic where the prior has one, as N(0, I) in the fused
+                                            latent op; else mean_l (log_q - log_p))
+    log_q[l, b] = log q(z_lb | x_b)        (fused latent op)
+    log_p[l, b] = log p(z_lb)              (the prior; N(0, I): fused latent op)
+The likelihood (fastvae/models/likelihoods.py), the prior (fastvae/models/priors.py) and the
+objective (fastvae/models/objectives.py) are declarations looked up by name, built-in or from a
+plugin. Built-in objectives (docs/DESIGN.md section 1):
     "analytic"    SGVB-B, the default:  elbo = mean_l rec - beta*kl
     "monte_carlo" SGVB-A:               elbo = mean_l (rec + beta*(log_p - log_q))
     "iwae"        Burda et al. 2016:    logsumexp_l (rec + log_p - log_q) - log L
@@ -17,13 +19,14 @@ depend on the batch size, while the reported ELBO stays in per-example nats.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from . import likelihoods, objectives, registry
+from . import likelihoods, objectives, priors, registry
 from .. import ops
 from ..io.data import one_hot
 
@@ -51,13 +54,15 @@ class VAEOutput:
 
 
 class VAE(nn.Module):
-    """A VAE with a Gaussian posterior, a N(0, I) prior and a registry encoder/decoder.
+    """A VAE with a Gaussian posterior, a registered prior (N(0, I) by default) and a registry encoder/decoder.
 
     encoder, decoder: registered names (see `fastvae list`) or ready nn.Modules following
     the registry's Encoder/Decoder contract. likelihood: a registered likelihood name (see
     `fastvae list` and fastvae/models/likelihoods.py), e.g. "bernoulli" (decoder gives logits),
     "gaussian" (decoder gives means; the fixed log-variance is `gaussian_logvar`) or
-    "gaussian_learned" (decoder gives means and log-variances).
+    "gaussian_learned" (decoder gives means and log-variances). prior: a registered prior name
+    ("standard", "mog", "vamp", a plugin's; see fastvae/models/priors.py) or a ready LatentPrior;
+    prior_components: K for priors with components (default: the prior's declared one).
     """
 
     def __init__(
@@ -71,6 +76,8 @@ class VAE(nn.Module):
         decoder_config: dict | None = None,
         condition_dim: int = 0,
         gaussian_logvar: float = 0.0,
+        prior="standard",
+        prior_components: int | None = None,
     ):
         super().__init__()
         input_shape = tuple(int(s) for s in input_shape)
@@ -82,6 +89,11 @@ class VAE(nn.Module):
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
         if condition_dim < 0:
             raise ValueError(f"condition_dim must be >= 0, got {condition_dim}")
+        if isinstance(prior, str):
+            prior_components = priors.components_of(prior, prior_components)  # a bad prior fails before any work
+        elif not isinstance(prior, priors.LatentPrior):
+            raise TypeError(f"prior must be a registered prior name or a fastvae.models.priors.LatentPrior, "
+                            f"got {prior!r}")
         decoder = encoder if decoder is None else decoder
         self.input_shape = input_shape
         self.latent_dim = latent_dim
@@ -101,6 +113,11 @@ class VAE(nn.Module):
             if isinstance(decoder, str)
             else decoder
         )
+        # Built after the encoder and decoder: their initial weights do not depend on the prior.
+        self.prior = (priors.build_prior(prior, latent_dim=latent_dim, input_shape=input_shape,
+                                         condition_dim=condition_dim, components=prior_components)
+                      if isinstance(prior, str) else prior)
+        self._warned_monte_carlo_kl = False
         # Plain values only: enough to rebuild the model from a checkpoint (named architectures).
         self.config = {
             "input_shape": list(input_shape),
@@ -112,11 +129,15 @@ class VAE(nn.Module):
             "decoder_config": dict(decoder_config or {}),
             "condition_dim": condition_dim,
             "gaussian_logvar": self.gaussian_logvar,
+            "prior": prior if isinstance(prior, str) else None,
+            "prior_components": prior_components if isinstance(prior, str) else None,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> VAE:
-        if config.get("encoder") is None or config.get("decoder") is None:
+        # Configurations written before priors existed have no "prior": theirs was N(0, I).
+        custom_prior = config.get("prior", priors.STANDARD) is None
+        if config.get("encoder") is None or config.get("decoder") is None or custom_prior:
             raise ValueError("this model was built from custom modules, not registry names; rebuild it yourself")
         return cls(**config)
 
@@ -181,20 +202,44 @@ class VAE(nn.Module):
         stl: bool = False,
         generator: torch.Generator | None = None,
         row_offset: int = 0,
+        objective_settings: dict | None = None,
     ) -> VAEOutput:
         """Encode, sample L latents per example in the fused op, decode, and score.
 
         row_offset: global index of x's first example, for data-parallel shards (the
         noise of an example then does not depend on how the batch was split).
+        objective_settings: values of the objective's declared settings (beta_tcvae: alpha, gamma,
+        dataset_size); an objective without settings takes none.
         """
-        bound_of = objectives.get(objective).bound  # an unknown name fails before any work
+        spec = objectives.get(objective)  # an unknown name or setting fails before any work
+        settings = spec.settings_with(objective_settings)
         self._check_input(x, condition)
         mu, logvar = self.encode(x, condition)
         latent = ops.latent_terms(mu, logvar, num_samples, generator=generator, stl=stl, row_offset=row_offset)
+        kl, log_p = self.prior_terms(mu, logvar, latent)
+        if objective == "analytic" and not self.prior.analytic_kl:
+            self._warn_monte_carlo_kl()
         mean_decoded, rec = self._decode_and_score(latent.z, condition, x, objective)
-        elbo = bound_of(rec, latent.kl, latent.log_q, latent.log_p, beta)
-        return VAEOutput(latent.z, mu, logvar, mean_decoded, rec, latent.kl, latent.log_q, latent.log_p, elbo,
-                         -elbo.mean())
+        latents = None if spec.settings is None else objectives.LatentBatch(latent.z, mu, logvar, settings)
+        elbo = spec.evaluate(rec, kl, latent.log_q, log_p, beta, latents)
+        return VAEOutput(latent.z, mu, logvar, mean_decoded, rec, kl, latent.log_q, log_p, elbo, -elbo.mean())
+
+    def prior_terms(self, mu: Tensor, logvar: Tensor, latent: ops.LatentTerms) -> tuple[Tensor, Tensor]:
+        """(kl (B,), log p(z) (L, B)) of the prior for the fused latent op's samples (see priors.LatentPrior.terms)."""
+        return self.prior.terms(mu, logvar, latent, self.encoder)
+
+    def log_prior(self, z: Tensor) -> Tensor:
+        """log p(z) under the model's prior, summed over the latent dimension: z (..., D) -> (...)."""
+        return self.prior.log_prob(z, self.encoder)
+
+    def _warn_monte_carlo_kl(self) -> None:
+        # The "analytic" objective with a prior that has no closed-form KL: its kl term is the Monte
+        # Carlo estimate, which makes the bound SGVB-A's. Said once per model, outside compiled code.
+        if self._warned_monte_carlo_kl or torch.compiler.is_compiling():
+            return
+        self._warned_monte_carlo_kl = True
+        warnings.warn(priors.monte_carlo_kl_note(self.config["prior"] or type(self.prior).__name__),
+                      priors.MonteCarloKLWarning, stacklevel=2)
 
     def _decode_and_score(self, z: Tensor, condition: Tensor | None, x: Tensor, objective: str):
         """(logits or means, or a function computing them; rec (L, B)).
@@ -246,11 +291,11 @@ class VAE(nn.Module):
     @torch.no_grad()
     def sample(self, num: int, condition: Tensor | None = None, generator: torch.Generator | None = None,
                device=None, mean: bool = True) -> Tensor:
-        """E[x|z] for z drawn from the prior N(0, I): (num, *input_shape); mean=False: x ~ p(x|z) instead."""
+        """E[x|z] for z drawn from the model's prior: (num, *input_shape); mean=False: x ~ p(x|z) instead."""
         if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
             raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
         param = next(self.parameters())
-        z = torch.randn(num, self.latent_dim, generator=generator, dtype=param.dtype, device=device or param.device)
+        z = self.prior.sample(num, self.encoder, generator, param.dtype, device or param.device)
         decoded = self.decode(z, condition)
         return self.mean_image(decoded) if mean else self.draw_image(decoded, generator)
 
@@ -297,6 +342,8 @@ class VAE(nn.Module):
         return self.mean_image(self.decode(z, None if cond is None else cond.expand(len(dims), steps, -1)))
 
 
-def bound(objective: str, rec: Tensor, kl: Tensor, log_q: Tensor, log_p: Tensor, beta: float = 1.0) -> Tensor:
-    """The per-example lower bound of the registered `objective` from the per-sample terms (L, B)."""
-    return objectives.get(objective).bound(rec, kl, log_q, log_p, beta)
+def bound(objective: str, rec: Tensor, kl: Tensor, log_q: Tensor, log_p: Tensor, beta: float = 1.0,
+          latents: objectives.LatentBatch | None = None) -> Tensor:
+    """The per-example lower bound of the registered `objective` from the per-sample terms (L, B)
+    (and, for an objective with settings, the batch's latents)."""
+    return objectives.get(objective).evaluate(rec, kl, log_q, log_p, beta, latents)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..models import likelihoods, objectives
+from ..models import likelihoods, objectives, priors
 from ..ranges import SEED, AvailableDevice, Range
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
@@ -18,6 +18,8 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 LR_SCHEDULES = ("constant", "cosine", "burda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BINARIZE_MODES = ("dynamic", "threshold", "none")
+# Objective settings (objectives.Objective.settings) and the TrainConfig fields that give them.
+OBJECTIVE_SETTING_FIELDS = {"alpha": "tc_alpha", "gamma": "tc_gamma"}
 
 
 def option(default, help: str, *, flag: str | None = None, choices=None, parse=None, factory=None, check=None,
@@ -85,9 +87,19 @@ class TrainConfig:
                                       "0.5, or none", choices=BINARIZE_MODES, applies=_binarize_applies)
     objective: str = option("analytic", "SGVB-B (analytic KL), SGVB-A (monte_carlo), the IWAE bound, or a plugin's "
                                         "(see `fastvae list`)", choices=objectives.names)
+    prior: str = option(priors.STANDARD, "prior p(z) (see `fastvae list`): standard N(0, I); mog, a learned "
+                                         "mixture of K Gaussians; vamp, the VampPrior of K pseudo-inputs. Without "
+                                         "an analytic KL the analytic objective uses the Monte Carlo KL (warned)",
+                        choices=priors.names)
+    prior_components: int | None = option(None, "K: mixture components (mog) or pseudo-inputs (vamp); default: "
+                                                "the prior's own (see `fastvae list`); refused for standard",
+                                          parse=int, check=Range(ge=1, integer=True))
     num_samples: int = option(1, "L: latent samples per example (k for iwae)", flag="--samples",
                               check=Range(ge=1, integer=True))
-    beta: float = option(1.0, "weight of the KL term", check=Range(ge=0))
+    beta: float = option(1.0, "weight of the KL term (beta_tcvae: of the total correlation)", check=Range(ge=0))
+    tc_alpha: float = option(1.0, "beta_tcvae: weight alpha of the index-code mutual information",
+                             check=Range(ge=0, finite=True))
+    tc_gamma: float = option(1.0, "beta_tcvae: weight gamma of the dimension-wise KL", check=Range(ge=0, finite=True))
     warmup_epochs: float = option(0.0, "epochs of linear KL warm-up from 0 to beta", flag="--warmup",
                                   check=Range(ge=0))
     optimizer: str = option("adam", "optimizer", choices=tuple(OPTIMIZERS))
@@ -110,9 +122,12 @@ class TrainConfig:
                                       "package: pip install 'fastvae[tensorboard]')")
 
     def validate(self) -> None:
+        self._check_declared()
         if self.likelihood != likelihoods.AUTO:
             likelihoods.get(self.likelihood)  # unknown names raise, naming the known ones
         objectives.get(self.objective)
+        priors.components_of(self.prior, self.prior_components)  # unknown priors and bad counts raise
+        self._check_objective_settings()
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
@@ -125,7 +140,6 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        self._check_declared()
 
     def _check_declared(self) -> None:
         """Each field's declared check (option(check=...)): a new field is checked by declaring one."""
@@ -143,6 +157,23 @@ class TrainConfig:
             reason = applies(self) if applies is not None and f.name in chosen else None
             if reason is not None:
                 raise ConfigError(f.name, f"{getattr(self, f.name)} does not apply: {reason}")
+
+    def _check_objective_settings(self) -> None:
+        declared = objectives.get(self.objective).settings or {}
+        for setting, name in OBJECTIVE_SETTING_FIELDS.items():
+            flag = "--" + name.replace("_", "-")
+            if setting not in declared and name in self.set_fields():
+                users = [o for o in objectives.names() if setting in (objectives.get(o).settings or {})]
+                raise ValueError(f"{name} ({flag}) is a setting of objective {', '.join(users)}, not of "
+                                 f"{self.objective!r}")
+
+    def objective_settings(self, dataset_size: int) -> dict:
+        """The values of the objective's declared settings this configuration gives (see OBJECTIVE_SETTING_FIELDS);
+        dataset_size: the training set's size N, for the estimators that need it."""
+        declared = objectives.get(self.objective).settings or {}
+        values = {setting: getattr(self, name) for setting, name in OBJECTIVE_SETTING_FIELDS.items()}
+        values["dataset_size"] = dataset_size
+        return {setting: value for setting, value in values.items() if setting in declared}
 
     @property
     def binarize_mode(self) -> str:

@@ -105,6 +105,7 @@ class Trainer:
                     train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,
                     encoder_config=config.arch_config, decoder_config=config.arch_config,
                     condition_dim=condition_dim, gaussian_logvar=config.gaussian_logvar,
+                    prior=config.prior, prior_components=config.prior_components,
                 )
         self.model = model.to(self.device)
         self.model.likelihood_spec.check_data(train_set.images, f"the training set {train_set.name!r}")
@@ -116,6 +117,7 @@ class Trainer:
             self.step_module = torch.nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = make_optimizer(config.optimizer, self.model.parameters(), config.lr)
         self.num_batches = max(1, math.ceil(len(train_set) / config.batch_size))
+        self.objective_settings = config.objective_settings(len(train_set))
         self.schedule = LRSchedule(self.optimizer, config.lr_schedule, config.lr, config.epochs * self.num_batches)
         self.named_parameters = list(self.model.named_parameters())
         self.parameters = [p for _, p in self.named_parameters]
@@ -274,7 +276,8 @@ class Trainer:
         self.schedule.apply(self.step)
         with self._precision():
             out = self.step_module(x, condition, num_samples=cfg.num_samples, objective=cfg.objective,
-                                   beta=beta, generator=self.noise, row_offset=start)
+                                   beta=beta, generator=self.noise, row_offset=start,
+                                   objective_settings=self.objective_settings)
         elbo_sum = out.elbo.sum()
         # -mean over the global batch; DDP averages gradients over processes, hence * world size.
         loss = -elbo_sum * (self.world.size / global_size)

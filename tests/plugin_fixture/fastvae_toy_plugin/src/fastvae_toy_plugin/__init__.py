@@ -1,2 +1,3 @@
-"""A toy fastvae plugin: importing .architecture registers `toy_mlp`; .likelihood and .objective
-hold the declarations `toy_laplace` and `toy_renyi_half` that their entry points name."""
+"""A toy fastvae plugin: importing .architecture registers `toy_mlp`; .likelihood, .objective and
+.prior hold the declarations `toy_laplace`, `toy_renyi_half` and `toy_learned_gaussian` that their
+entry points name."""
