@@ -60,6 +60,8 @@ class VAE(nn.Module):
     "gaussian_learned" (decoder gives means and log-variances).
     """
 
+    stochastic_layers = 1  # fastvae.models.hierarchy.HierarchicalVAE has more
+
     def __init__(
         self,
         input_shape,
@@ -118,6 +120,10 @@ class VAE(nn.Module):
     def from_config(cls, config: dict) -> VAE:
         if config.get("encoder") is None or config.get("decoder") is None:
             raise ValueError("this model was built from custom modules, not registry names; rebuild it yourself")
+        if cls is VAE and config.get("stochastic_layers", 1) != 1:  # configs without the key: one layer
+            from .hierarchy import HierarchicalVAE
+
+            cls = HierarchicalVAE
         return cls(**config)
 
     @classmethod
