@@ -91,6 +91,9 @@ def cmd_train(args) -> int:
         config.arch_config = {**config.arch_config, "hidden": args.hidden}
     if args.resume:
         _check_resume_flags(config, explicit_train_options(args.argv))
+    elif config.stochastic_layers > 1 and config.objective == "analytic":
+        print(f"stochastic layers {config.stochastic_layers}: the analytic objective's KL is analytic for the top "
+              "layer only, Monte Carlo below it (docs/hierarchy.md)", file=sys.stderr)
     with distributed.process_group(config.device):
         epoch, out_dir = _train(config, args.resume)
     print(f"trained to epoch {epoch}; checkpoint, metrics.csv and PNGs in {out_dir}")
@@ -286,7 +289,7 @@ def add_config_options(parser, config_class, defaults: bool = True) -> None:
 
     defaults=False: options left out are absent from the parsed namespace (to tell what was typed).
     """
-    parsers = {"json": _json_object}
+    parsers = {"json": _json_object, "int_list": _int_list}
     for f in dataclasses.fields(config_class):
         meta = f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..models import likelihoods, objectives
+from ..models.hierarchy import check_layers
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "adagrad": torch.optim.Adagrad}
@@ -45,6 +46,14 @@ class TrainConfig:
     arch_config: dict = option(None, 'architecture keyword configuration as JSON, e.g. \'{"activation": "relu"}\'',
                                factory=dict, parse="json")
     latent_dim: int = option(8, "latent dimensions")
+    stochastic_layers: int = option(1, "stochastic layers z1 .. zN (Burda et al. 2016): 2 adds q(z2|z1) and "
+                                       "p(z1|z2) above --latent-dim's z1 (docs/hierarchy.md)")
+    upper_latent_dims: list = option(None, "latent sizes of z2 .. zN, one per stochastic layer above the first, "
+                                           "e.g. 50 or 50,25", parse="int_list", factory=lambda: [50])
+    upper_hidden: list = option(None, "hidden widths of every network between z_i and z_i+1 (each direction)",
+                                parse="int_list", factory=lambda: [100, 100])
+    layer_architecture: str = option("mlp", "registered encoder building q(z_i+1|z_i) and p(z_i|z_i+1) on flat "
+                                            "vectors (see `fastvae list`)")
     likelihood: str = option(likelihoods.AUTO, "decoder likelihood (see `fastvae list`); auto: one that fits the "
                                                "data (bernoulli for binary and MNIST-style sets, discretized_logistic "
                                                "for 8-bit images, ...)",
@@ -80,6 +89,7 @@ class TrainConfig:
         if self.likelihood != likelihoods.AUTO:
             likelihoods.get(self.likelihood)  # unknown names raise, naming the known ones
         objectives.get(self.objective)
+        check_layers(self.stochastic_layers, self.upper_latent_dims)
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
