@@ -91,9 +91,11 @@ def cmd_train(args) -> int:
         config.arch_config = {**config.arch_config, "hidden": args.hidden}
     if args.resume:
         _check_resume_flags(config, explicit_train_options(args.argv))
-    elif config.stochastic_layers > 1 and config.objective == "analytic":
-        print(f"stochastic layers {config.stochastic_layers}: the analytic objective's KL is analytic for the top "
-              "layer only, Monte Carlo below it (docs/hierarchy.md)", file=sys.stderr)
+    else:
+        config.validate()  # a bad option fails here, in one line, before the note below
+        if config.stochastic_layers > 1 and config.objective == "analytic" and os.environ.get("RANK", "0") == "0":
+            print(f"stochastic layers {config.stochastic_layers}: the analytic objective's KL is analytic for the "
+                  "top layer only, Monte Carlo below it (docs/hierarchy.md)", file=sys.stderr)
     with distributed.process_group(config.device):
         epoch, out_dir = _train(config, args.resume)
     print(f"trained to epoch {epoch}; checkpoint, metrics.csv and PNGs in {out_dir}")
