@@ -229,8 +229,7 @@ class HierarchicalVAE(VAE):
     def sample(self, num: int, condition: Tensor | None = None, generator: torch.Generator | None = None,
                device=None, mean: bool = True) -> Tensor:
         """zN from the prior, each z_i ~ p(z_i | z_i+1) down to z1, then E[x|z1] (mean=False: x ~ p(x|z1))."""
-        if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
-            raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
+        self._check_sample_condition(num, condition)
         param = next(self.parameters())
         device = device or param.device
         z = self.prior.sample(num, self.latent_dims[-1], generator=generator, dtype=param.dtype, device=device)

@@ -253,12 +253,15 @@ class VAE(nn.Module):
     def sample(self, num: int, condition: Tensor | None = None, generator: torch.Generator | None = None,
                device=None, mean: bool = True) -> Tensor:
         """E[x|z] for z drawn from the prior N(0, I): (num, *input_shape); mean=False: x ~ p(x|z) instead."""
-        if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
-            raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
+        self._check_sample_condition(num, condition)
         param = next(self.parameters())
         z = torch.randn(num, self.latent_dim, generator=generator, dtype=param.dtype, device=device or param.device)
         decoded = self.decode(z, condition)
         return self.mean_image(decoded) if mean else self.draw_image(decoded, generator)
+
+    def _check_sample_condition(self, num: int, condition: Tensor | None) -> None:
+        if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
+            raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
 
     @torch.no_grad()
     def sample_per_class(self, per_class: int, generator: torch.Generator | None = None) -> Tensor:
