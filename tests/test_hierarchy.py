@@ -341,3 +341,22 @@ def test_doc_python_blocks_run(index, tmp_path, monkeypatch, scratch_registries)
 
 def test_doc_has_a_python_example():
     assert BLOCKS
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = tiny_model()
+    x = binary_batch()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.manual_seed(2)
+    got = compiled(x, num_samples=2, objective="iwae")
+    got.loss.backward()
+    torch.manual_seed(2)
+    want = model(x, num_samples=2, objective="iwae")
+    torch.testing.assert_close(got.elbo, want.elbo)
+
+
+def test_one_layer_configs_are_unchanged_and_ignore_the_upper_sizes(tmp_path):
+    TrainConfig(stochastic_layers=1, upper_latent_dims=[9, 9]).validate()
+    trainer = Trainer(small_config(tmp_path, stochastic_layers=1, epochs=1), *split_validation(
+        data_lib.load_dataset("digits", "train"), 0.1))
+    assert type(trainer.model) is VAE and "stochastic_layers" not in trainer.model.config

@@ -89,7 +89,8 @@ class TrainConfig:
         if self.likelihood != likelihoods.AUTO:
             likelihoods.get(self.likelihood)  # unknown names raise, naming the known ones
         objectives.get(self.objective)
-        check_layers(self.stochastic_layers, self.upper_latent_dims)
+        # One stochastic layer has nothing above it: the (default) upper sizes are not read.
+        check_layers(self.stochastic_layers, self.upper_latent_dims if self.stochastic_layers > 1 else ())
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
