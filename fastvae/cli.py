@@ -117,6 +117,9 @@ def _cmd_train(args) -> int:
         return distributed.launch(args.nproc, _without_option(args.argv, "--nproc"))
     if args.resume:
         _check_resume_flags(config, typed)
+    elif config.stochastic_layers > 1 and config.objective == "analytic" and os.environ.get("RANK", "0") == "0":
+        print(f"stochastic layers {config.stochastic_layers}: the analytic objective's KL is analytic for the "
+              "top layer only, Monte Carlo below it (docs/hierarchy.md)", file=sys.stderr)
     with distributed.process_group(config.device):
         epoch, out_dir = _train(config, args.resume, typed & set(train_flags()))
     print(f"trained to epoch {epoch}; checkpoint, metrics.csv and PNGs in {out_dir}")

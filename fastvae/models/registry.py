@@ -8,6 +8,17 @@ the ENTRY_POINT_GROUP group. Encoders and decoders are two PluginTables (fastvae
 plugins.py, as likelihoods and objectives are) sharing that group: one entry point registers
 both. Plugins are discovered lazily, on the first lookup or listing, so importing fastvae
 stays cheap and a broken plugin cannot break the import.
+
+Stochastic layers above the first (fastvae.models.hierarchy.HierarchicalVAE, `fastvae train
+--stochastic-layers N`): each q(z_i+1 | z_i) and p(z_i | z_i+1) is a Gaussian layer between flat
+vectors, built from a registered *encoder*, since an Encoder's contract is exactly that of such a
+layer: build_encoder(name, input_shape=(D_in,), latent_dim=D_out, condition_dim=C, **layer_config)
+maps (N, D_in) (and the condition) to (mu, logvar), each (N, D_out). An architecture provides these
+layers by registering an encoder that accepts input_shape=(D,) and is named as the model's
+layer_architecture (--layer-architecture; default "mlp", whose hidden widths --upper-hidden sets;
+from the command line layer_config is {"hidden": [...]}, so such an encoder takes `hidden`). Its
+encoder and decoder for x stay the first layer's (q(z1|x), p(x|z1)). An encoder that cannot take
+flat vectors (conv, resnet) fails at build time, naming the layer and the architecture.
 """
 
 from __future__ import annotations

@@ -65,6 +65,8 @@ class VAE(nn.Module):
     prior_components: K for priors with components (default: the prior's declared one).
     """
 
+    stochastic_layers = 1  # fastvae.models.hierarchy.HierarchicalVAE has more
+
     def __init__(
         self,
         input_shape,
@@ -139,6 +141,10 @@ class VAE(nn.Module):
         custom_prior = config.get("prior", priors.STANDARD) is None
         if config.get("encoder") is None or config.get("decoder") is None or custom_prior:
             raise ValueError("this model was built from custom modules, not registry names; rebuild it yourself")
+        if cls is VAE and config.get("stochastic_layers", 1) != 1:  # configs without the key: one layer
+            from .hierarchy import HierarchicalVAE
+
+            cls = HierarchicalVAE
         return cls(**config)
 
     @classmethod
@@ -292,12 +298,15 @@ class VAE(nn.Module):
     def sample(self, num: int, condition: Tensor | None = None, generator: torch.Generator | None = None,
                device=None, mean: bool = True) -> Tensor:
         """E[x|z] for z drawn from the model's prior: (num, *input_shape); mean=False: x ~ p(x|z) instead."""
-        if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
-            raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
+        self._check_sample_condition(num, condition)
         param = next(self.parameters())
         z = self.prior.sample(num, self.encoder, generator, param.dtype, device or param.device)
         decoded = self.decode(z, condition)
         return self.mean_image(decoded) if mean else self.draw_image(decoded, generator)
+
+    def _check_sample_condition(self, num: int, condition: Tensor | None) -> None:
+        if self.condition_dim and (condition is None or condition.shape != (num, self.condition_dim)):
+            raise ValueError(f"this model is conditional: condition must have shape ({num}, {self.condition_dim})")
 
     @torch.no_grad()
     def sample_per_class(self, per_class: int, generator: torch.Generator | None = None) -> Tensor:

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..models import likelihoods, objectives, priors
-from ..ranges import SEED, AvailableDevice, Range
+from ..models.hierarchy import MAX_LAYERS, check_layers
+from ..ranges import SEED, AvailableDevice, CommaSeparated, Range
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
               "adagrad": torch.optim.Adagrad}
 LR_SCHEDULES = ("constant", "cosine", "burda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BINARIZE_MODES = ("dynamic", "threshold", "none")
+COUNTS = CommaSeparated(Range(ge=1, integer=True))  # sizes given as a list, e.g. --upper-hidden 100,100
 # Objective settings (objectives.Objective.settings) and the TrainConfig fields that give them.
 OBJECTIVE_SETTING_FIELDS = {"alpha": "tc_alpha", "gamma": "tc_gamma"}
 
@@ -77,6 +79,15 @@ class TrainConfig:
     arch_config: dict = option(None, 'architecture keyword configuration as JSON, e.g. \'{"activation": "relu"}\'',
                                factory=dict, parse="json")
     latent_dim: int = option(8, "latent dimensions", check=Range(ge=1, integer=True))
+    stochastic_layers: int = option(1, "stochastic layers z1 .. zN (Burda et al. 2016): 2 adds q(z2|z1) and "
+                                       "p(z1|z2) above --latent-dim's z1 (docs/hierarchy.md)",
+                                    check=Range(ge=1, le=MAX_LAYERS, integer=True))
+    upper_latent_dims: list = option(None, "latent sizes of z2 .. zN, one per stochastic layer above the first, "
+                                           "e.g. 50 or 50,25", check=COUNTS, factory=lambda: [50])
+    upper_hidden: list = option(None, "hidden widths of every network between z_i and z_i+1 (each direction)",
+                                check=COUNTS, factory=lambda: [100, 100])
+    layer_architecture: str = option("mlp", "registered encoder building q(z_i+1|z_i) and p(z_i|z_i+1) on flat "
+                                            "vectors (see `fastvae list`)")
     likelihood: str = option(likelihoods.AUTO, "decoder likelihood (see `fastvae list`); auto: one that fits the "
                                                "data (bernoulli for binary and MNIST-style sets, discretized_logistic "
                                                "for 8-bit images, ...)",
@@ -128,6 +139,11 @@ class TrainConfig:
         objectives.get(self.objective)
         priors.components_of(self.prior, self.prior_components)  # unknown priors and bad counts raise
         self._check_objective_settings()
+        # One stochastic layer has nothing above it: the (default) upper sizes are not read.
+        check_layers(self.stochastic_layers, self.upper_latent_dims if self.stochastic_layers > 1 else ())
+        if self.stochastic_layers > 1 and objectives.get(self.objective).settings is not None:
+            raise ValueError(f"objective {self.objective!r} is not supported with stochastic_layers >= 2; use "
+                             "analytic, monte_carlo or iwae")
         checks = [
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),

@@ -1,10 +1,10 @@
 """Evaluation: the test-set ELBO and the importance-sampled log-likelihood papers report.
 
 log p(x) ~= logsumexp_k (log p(x|z_k) + log p(z_k) - log q(z_k|x)) - log K,  z_k ~ q(z|x)
-(Burda et al. 2016, with K = 5000 for paper comparisons), log p(z) under the model's prior.
-Samples are processed in chunks and combined with a running logsumexp, so memory stays
-bounded whatever K is, and whole minibatches go through the fused ops at once (not one test
-point at a time).
+(Burda et al. 2016, with K = 5000 for paper comparisons), log p(z) under the model's prior; with
+several stochastic layers z is the whole chain z1 .. zN (fastvae/models/hierarchy.py). Samples are
+processed in chunks and combined with a running logsumexp, so memory stays bounded whatever K is,
+and whole minibatches go through the fused ops at once (not one test point at a time).
 """
 
 from __future__ import annotations
@@ -41,20 +41,31 @@ def importance_sampled_log_likelihood(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    mu, logvar = model.encode(x, condition)
+    log_weights = _one_layer_log_weights(model, x, condition, generator) if model.stochastic_layers == 1 else (
+        lambda count: model.importance_log_weights(x, condition, count, generator))  # the whole chain
     pixels = math.prod(model.input_shape)
     chunk = max(1, min(num_samples, max_elements // max(1, x.shape[0] * pixels)))
     running = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
     done = 0
     while done < num_samples:
         count = min(chunk, num_samples - done)
-        latent = ops.latent_terms(mu, logvar, count, generator=generator)
-        rec = model.log_likelihood(model.decode(latent.z, condition), x)
-        _, log_p = model.prior_terms(mu, logvar, latent)
-        log_w = (rec + log_p - latent.log_q).double()
+        log_w = log_weights(count).double()
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
         done += count
     return running - math.log(num_samples)
+
+
+def _one_layer_log_weights(model: VAE, x: Tensor, condition: Tensor | None, generator):
+    """count -> log p(x|z) + log p(z) - log q(z|x) of count draws, (count, B); x is encoded once."""
+    mu, logvar = model.encode(x, condition)
+
+    def log_weights(count: int) -> Tensor:
+        latent = ops.latent_terms(mu, logvar, count, generator=generator)
+        rec = model.log_likelihood(model.decode(latent.z, condition), x)
+        _, log_p = model.prior_terms(mu, logvar, latent)
+        return rec + log_p - latent.log_q
+
+    return log_weights
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from .config import OPTIMIZERS, TrainConfig
 from .evaluate import evaluate
 from ..io.images import write_pictures
 from .metrics import METRICS_NAME, append_metrics, truncate_metrics
+from ..models.hierarchy import HierarchicalVAE, layer_options
 from ..models.vae import VAE
 from .optim import clear_grads, fused_step
 from .schedule import LRSchedule, epochs_that_fit
@@ -101,11 +102,11 @@ class Trainer:
             # RNG state is left as it was, and the same seed still gives the same weights.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
-                model = VAE(
+                model = (HierarchicalVAE if config.stochastic_layers > 1 else VAE)(
                     train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,
                     encoder_config=config.arch_config, decoder_config=config.arch_config,
                     condition_dim=condition_dim, gaussian_logvar=config.gaussian_logvar,
-                    prior=config.prior, prior_components=config.prior_components,
+                    prior=config.prior, prior_components=config.prior_components, **layer_options(config),
                 )
         self.model = model.to(self.device)
         self.model.likelihood_spec.check_data(train_set.images, f"the training set {train_set.name!r}")
