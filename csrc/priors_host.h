@@ -108,8 +108,8 @@ inline RowBroadcast row_broadcast(at::TensorList ts, const std::vector<const cha
       op.rows = c10::multiply_integers(lead);
       op.rows_data = t.reshape({op.rows, last});
       if (last != b.dim) {  // a last dimension of 1: copy it along the rows it has
-        op.expanded = lead;
-        op.expanded.push_back(b.dim);
+        op.expanded = shape_of(t);
+        op.expanded.back() = b.dim;
         op.rows_data = op.rows_data.expand({op.rows, b.dim});
       }
     } else {
