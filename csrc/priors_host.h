@@ -289,6 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_backward(
   const at::Tensor weighted = resp.abs() * g;                        // G_nk = grad_n r_nk
   const at::Tensor gemm_weighted = weighted.masked_fill(resp < 0, 0);  // the flagged pairs go exactly
   const at::Tensor column_sum = gemm_weighted.sum(0).unsqueeze(1);   // (K, 1)
+  const at::Tensor weight_sum = weighted.sum(0);                     // (K): sum_n G_nk, flagged pairs too
   // d/dz_n = sum_k G_nk (m_k - z_n) e^-s_k
   at::Tensor grad_z = at::mm(gemm_weighted, scaled_means).sub_(Z * at::mm(gemm_weighted, inv_var));
   // d/dm_k = e^-s_k sum_n G_nk (z_n - m_k)
@@ -297,12 +298,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_backward(
   // d/ds_k = 0.5 sum_n G_nk ((z_n - m_k)^2 e^-s_k - 1)
   at::Tensor grad_logvars =
       0.5 * inv_var * (at::mm(gemm_weighted.t(), Z * Z) - 2 * m * weighted_z + m * m * column_sum) -
-      0.5 * weighted.sum(0).unsqueeze(1);
+      0.5 * weight_sum.unsqueeze(1);
   Kernels::add_flagged_grads(resp, g, Z, m, inv_var, grad_z, grad_means, grad_logvars);
   // d/dlog_weights_k = sum_n grad_n (r_nk - w_k)
   at::Tensor grad_log_weights = at::empty({0}, z.options());
   if (log_weights.has_value()) {
-    grad_log_weights = weighted.sum(0) - at::softmax(*log_weights, 0) * g.sum();
+    grad_log_weights = weight_sum - at::softmax(*log_weights, 0) * g.sum();
   }
   return {grad_z.view(z.sizes()), grad_means, grad_logvars, grad_log_weights};
 }
