@@ -56,6 +56,7 @@ from ._backend import (  # noqa: F401  (backend(), build_hint, source_tree, draw
     source_tree,
 )
 from ._checks import _check_int, _check_tensor
+from ._priors import gaussian_kl, gaussian_log_prob, mixture_log_prob  # noqa: F401  (priors beyond N(0, I))
 
 class LatentTerms(NamedTuple):
     z: Tensor       # (B, D) or (L, B, D)
@@ -116,15 +117,6 @@ def latent_terms(
 def reparameterize(mu: Tensor, logvar: Tensor, num_samples: int | None = None, **kwargs) -> Tensor:
     """z = mu + exp(0.5*logvar)*eps (same arguments as latent_terms)."""
     return latent_terms(mu, logvar, num_samples, **kwargs).z
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per row, (B,).
-
-    Uses a fixed seed since the KL does not depend on the draw; when you also need z,
-    call latent_terms once instead, which gives both from the same pass.
-    """
-    return latent_terms(mu, logvar, seed=0).kl
 
 
 # ---------------------------------------------------------------------------

@@ -226,3 +226,38 @@ def fused_head_log_prob(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tenso
         return gaussian_log_prob(raw, x, None, logvar_value)
     pixels = x.shape[-1]
     return gaussian_log_prob(raw[..., :pixels], x, raw[..., pixels:])
+
+
+# ---------------------------------------------------------------------------
+# Priors beyond N(0, I) (fastvae.ops._priors): every element formed, nothing fused.
+# ---------------------------------------------------------------------------
+def _exp_minus_one_minus_identity(r: Tensor) -> Tensor:
+    """e^r - 1 - r to full precision: its Taylor series for |r| < 1/2, where expm1(r) - r cancels."""
+    small = r.abs() < 0.5
+    rs = torch.where(small, r, torch.zeros_like(r))
+    series = torch.zeros_like(rs)
+    for n in range(15, 1, -1):
+        series = series * rs + 1.0 / math.factorial(n)
+    return torch.where(small, rs * rs * series, torch.expm1(r) - r)
+
+
+def gaussian_kl_prior(mu: Tensor, logvar: Tensor, prior_mu: Tensor, prior_logvar: Tensor) -> Tensor:
+    """sum over the last dimension of KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)), broadcasting."""
+    diff = mu - prior_mu
+    terms = _exp_minus_one_minus_identity(logvar - prior_logvar) + diff * diff * torch.exp(-prior_logvar)
+    return 0.5 * terms.sum(-1)
+
+
+def gaussian_log_density(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """sum over the last dimension of log N(z; mu, e^logvar), broadcasting."""
+    diff = z - mu
+    return -0.5 * (diff * diff * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
+def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, log_weights: Tensor | None = None) -> Tensor:
+    """log sum_k w_k N(z; means_k, e^logvars_k) for z (..., D), components (K, D): (...), via (..., K, D)."""
+    components = means.shape[0]
+    log_w = (torch.log_softmax(log_weights, 0) if log_weights is not None
+             else torch.full((components,), -math.log(components), dtype=z.dtype, device=z.device))
+    log_n = gaussian_log_density(z.unsqueeze(-2), means, logvars)  # (..., K)
+    return torch.logsumexp(log_w + log_n, -1)

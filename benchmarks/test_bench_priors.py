@@ -1,0 +1,62 @@
+"""Benchmarks of the prior ops against eager PyTorch, and the memory they keep for backward.
+
+    pytest benchmarks/test_bench_priors.py --benchmark-only --benchmark-json=benchmarks/priors.json
+    python benchmarks/report.py benchmarks/priors.json
+
+Sizes (float32): the mixture at B=100, K=500, D=50 (a VampPrior step's log p(z)); the KL to a
+conditional diagonal Gaussian prior and the Gaussian log-density at (4096, 256) and (100, 50).
+Providers in priors_memory.py: fastvae (the fused op) and eager.
+"""
+
+import pytest
+import torch
+
+from priors_memory import LOG_PROB, MIXTURE, MIXTURE_SIZE, PRIOR_KL, mixture_inputs, mixture_saved_bytes
+from providers import run_mode
+
+SIZES = [(4096, 256), (100, 50)]
+MODES = ["forward", "forward+backward"]
+
+
+def gaussian_inputs(batch, dim, count):
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(batch, dim, generator=gen).requires_grad_() for _ in range(count))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"B={s[0]},D={s[1]}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(PRIOR_KL))
+def test_gaussian_kl_with_prior(benchmark, provider, mode, size):
+    benchmark.group = f"gaussian_kl with prior {mode} B={size[0]} D={size[1]}"
+    benchmark(run_mode(PRIOR_KL[provider], gaussian_inputs(*size, 4), mode))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"B={s[0]},D={s[1]}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(LOG_PROB))
+def test_gaussian_log_prob(benchmark, provider, mode, size):
+    benchmark.group = f"gaussian_log_prob {mode} B={size[0]} D={size[1]}"
+    benchmark(run_mode(LOG_PROB[provider], gaussian_inputs(*size, 3), mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(MIXTURE))
+def test_mixture_log_prob(benchmark, provider, mode):
+    batch, components, dim = MIXTURE_SIZE
+    benchmark.group = f"mixture_log_prob {mode} B={batch} K={components} D={dim}"
+    benchmark(run_mode(MIXTURE[provider], mixture_inputs(*MIXTURE_SIZE), mode))
+
+
+def test_providers_agree():
+    inputs = mixture_inputs(*MIXTURE_SIZE)
+    torch.testing.assert_close(MIXTURE["fastvae"](*inputs), MIXTURE["eager"](*inputs), rtol=1e-5, atol=1e-4)
+    for table, count in ((PRIOR_KL, 4), (LOG_PROB, 3)):
+        inputs = gaussian_inputs(100, 50, count)
+        torch.testing.assert_close(table["fastvae"](*inputs), table["eager"](*inputs), rtol=1e-5, atol=1e-4)
+
+
+def test_mixture_saves_ten_times_less_for_backward():
+    # A measurement, not a timing: the fused op keeps its inputs and the (B, K)
+    # responsibilities; eager keeps (B, K, D) tensors.
+    fused, eager = mixture_saved_bytes("fastvae"), mixture_saved_bytes("eager")
+    assert eager >= 10 * fused, (fused, eager)
