@@ -14,7 +14,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 import fastvae
 from fastvae import cli, ops
 from fastvae.io.export import load_any
-from fastvae.models import _prior_math, priors, registry
+from fastvae.models import priors, registry
 from fastvae.models.priors import GaussianMixturePrior, MonteCarloKLWarning, StandardNormalPrior, VampPrior
 from fastvae.models.vae import VAE
 from fastvae.training.checkpoint import load_model, save_checkpoint
@@ -49,73 +49,6 @@ def binary_batch(n=12, seed=0):
 def tiny_vae(prior="standard", components=None, **kwargs):
     torch.manual_seed(0)
     return VAE(SHAPE, 3, encoder_config={"hidden": [16]}, prior=prior, prior_components=components, **kwargs)
-
-
-# ------------------------------------------------------------------ the densities, float64
-def test_gaussian_kl_matches_torch_distributions_with_and_without_a_prior():
-    mu, logvar, prior_mu, prior_logvar = doubles((6, 4), (6, 4), (4,), (4,), seed=1)
-    zeros = torch.zeros(4, dtype=torch.float64)
-    expected = kl_divergence(diagonal(mu, logvar), diagonal(prior_mu.expand(6, 4), prior_logvar.expand(6, 4)))
-    torch.testing.assert_close(_prior_math.gaussian_kl(mu, logvar, prior_mu, prior_logvar), expected,
-                               rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_prior_math.gaussian_kl(mu, logvar),
-                               kl_divergence(diagonal(mu, logvar), diagonal(zeros, zeros)), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_prior_math.gaussian_kl(mu, logvar), ops.gaussian_kl(mu, logvar), rtol=1e-10, atol=1e-10)
-
-
-def test_gaussian_log_prob_broadcasts_sample_dimensions():
-    z, mu, logvar = doubles((3, 5, 4), (5, 4), (5, 4), seed=2)
-    torch.testing.assert_close(_prior_math.gaussian_log_prob(z, mu, logvar), diagonal(mu, logvar).log_prob(z),
-                               rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("weighted", [False, True])
-def test_mixture_log_prob_matches_mixture_same_family(weighted):
-    g = torch.Generator().manual_seed(3)
-    means = 3 * torch.randn(7, 4, generator=g, dtype=torch.float64)
-    logvars = torch.randn(7, 4, generator=g, dtype=torch.float64)
-    logits = torch.randn(7, generator=g, dtype=torch.float64) if weighted else None
-    z = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
-    got = _prior_math.mixture_log_prob(z, means, logvars, logits)
-    assert got.shape == (2, 5)
-    torch.testing.assert_close(got, mixture(means, logvars, logits).log_prob(z), rtol=1e-12, atol=1e-12)
-
-
-def test_mixture_log_prob_is_exact_at_extreme_log_variances_and_far_components():
-    means = torch.tensor([[0.0, 0.0], [40.0, -40.0]], dtype=torch.float64)
-    logvars = torch.tensor([[-30.0, 20.0], [20.0, -30.0]], dtype=torch.float64)
-    z = torch.tensor([[1e-8, 3.0], [40.0, -40.0 + 1e-7], [1e3, 1e3]], dtype=torch.float64)
-    got = _prior_math.mixture_log_prob(z, means, logvars)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, mixture(means, logvars).log_prob(z), rtol=1e-12, atol=1e-9)
-
-
-def test_mixture_log_prob_without_gradients_scores_in_chunks_with_the_same_numbers(monkeypatch):
-    g = torch.Generator().manual_seed(4)
-    means, logvars = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
-    z = torch.randn(4, 9, 3, generator=g)
-    whole = _prior_math.mixture_log_prob(z, means, logvars)
-    monkeypatch.setattr(_prior_math, "_NO_GRAD_ELEMENTS", 2 * means.numel())  # two rows at a time
-    with torch.no_grad():
-        chunked = _prior_math.mixture_log_prob(z, means, logvars)
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
-
-
-def test_mixture_log_prob_gradcheck():
-    args = [t.requires_grad_() for t in doubles((3, 2, 4), (5, 4), (5, 4), (5,), seed=5)]
-    assert torch.autograd.gradcheck(_prior_math.mixture_log_prob, args)
-
-
-@pytest.mark.parametrize("z, means, logvars, log_weights, message", [
-    ((4, 3), (5, 2), (5, 2), None, r"z must have shape \(\.\.\., 2\)"),
-    ((4, 3), (5, 3), (5, 2), None, r"logvars must have the shape of means \(5, 3\)"),
-    ((4, 3), (0, 3), (0, 3), None, r"means must have shape \(K, D\) with K >= 1"),
-    ((4, 3), (5, 3), (5, 3), (4,), r"log_weights must have shape \(5,\)"),
-])
-def test_mixture_log_prob_names_the_bad_argument(z, means, logvars, log_weights, message):
-    weights = None if log_weights is None else torch.zeros(log_weights)
-    with pytest.raises(ValueError, match=message):
-        _prior_math.mixture_log_prob(torch.zeros(z), torch.zeros(means), torch.zeros(logvars), weights)
 
 
 # ------------------------------------------------------------------ each prior's density

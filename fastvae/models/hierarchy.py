@@ -46,12 +46,6 @@ DEFAULT_UPPER_LATENT_DIMS = (50,)
 MAX_LAYERS = 8  # a guard against typos (--stochastic-layers 20); nothing breaks above it
 
 
-def gaussian_log_prob(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """sum over the last dimension of log N(z; mu, e^logvar), per row: the fused Gaussian likelihood op,
-    whose gradients reach z, mu and logvar. The one place the hierarchy scores a Gaussian density."""
-    return ops.gaussian_log_likelihood(mu, z, logvar)
-
-
 @dataclass
 class HierarchyOutput(VAEOutput):
     """VAEOutput (z, mu, logvar are the first layer's) plus the layers above it, bottom to top:
@@ -215,7 +209,7 @@ class HierarchicalVAE(VAE):
             top_mu, top_logvar = encoder(z, rows)
             latent = ops.latent_terms(top_mu, top_logvar, generator=generator, stl=stl,
                                       row_offset=row_offset * num_samples)
-            log_p_below = log_p_below + gaussian_log_prob(z, *decoder(latent.z, rows))
+            log_p_below = log_p_below + ops.gaussian_log_prob(z, *decoder(latent.z, rows))
             log_q_upper = log_q_upper + latent.log_q
             upper.append(latent)
             z = latent.z

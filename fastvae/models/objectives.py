@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._prior_math import mixture_log_prob
+from ..ops import mixture_log_prob
 from .plugins import PluginTable, format_rows
 
 ENTRY_POINT_GROUP = "fastvae.objectives"

@@ -10,7 +10,8 @@ model. Built-ins:
 A prior gives the VAE, for the samples z of q(z|x), the terms the objectives take
 (fastvae/models/objectives.py): log p(z) per sample, and the KL per example, analytic where
 the prior has one (LatentPrior.analytic_kl) and otherwise the Monte Carlo estimate
-mean_l (log q(z_l|x) - log p(z_l)). Densities go through fastvae/models/_prior_math.py.
+mean_l (log q(z_l|x) - log p(z_l)). The densities are the fused ops fastvae.ops.gaussian_kl,
+gaussian_log_prob and mixture_log_prob.
 
 Third-party packages add priors with register_prior, or through an entry point in the
 "fastvae.priors" group (see fastvae/models/plugins.py), whose value names a Prior declaration,
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import LatentTerms
-from ._prior_math import gaussian_kl, gaussian_log_prob, mixture_log_prob
+from ..ops import gaussian_kl, gaussian_log_prob, mixture_log_prob
 from .plugins import PluginTable, format_rows
 
 ENTRY_POINT_GROUP = "fastvae.priors"

@@ -2,7 +2,9 @@
 
     latent_terms(mu, logvar, num_samples=None)   -> LatentTerms(z, kl, log_q, log_p)
     reparameterize(mu, logvar, num_samples=None) -> z
-    gaussian_kl(mu, logvar)                      -> kl
+    gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None) -> kl (to N(0, I) without a prior)
+    gaussian_log_prob(z, mu, logvar)             -> log N(z; mu, e^logvar) per row
+    mixture_log_prob(z, means, logvars, log_weights=None) -> log of a K-component mixture per row
     bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
     gaussian_log_likelihood(mean, x, logvar=0.0) -> log p(x|z) per row
     continuous_bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
@@ -22,7 +24,8 @@ and in fastvae.ops.reference (pure PyTorch, same numbers, slower) otherwise.
 This package is split along those seams: ._backend loads the extension, picks each
 op's handle (the registered op or its reference fallback) and draws seeds; ._checks
 holds the argument checks the fakes and the fallback share; ._fakes registers the
-fake (meta) implementations torch.compile uses; this file is the public API.
+fake (meta) implementations torch.compile uses; ._priors holds the prior ops (their
+checks and fakes beside them); this file is the public API.
 
 One spelling per likelihood: a likelihood named NAME (as fastvae.models.likelihoods
 declares it, e.g. "bernoulli") is computed by the op fastvae::NAME_log_prob, by
