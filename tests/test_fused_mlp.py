@@ -346,3 +346,107 @@ def test_activation_codes_cover_the_modules():
     from fastvae.nn import ACTIVATION_MODULES
 
     assert set(ACTIVATION_MODULES.values()) == set(ACTIVATION_CODES)
+
+
+# ---------------------------------------------------------------------------
+# The built-in mlp architecture with the fused stack (fused_mlp=True or FASTVAE_FUSED_MLP=1).
+# ---------------------------------------------------------------------------
+def mlp_vae(fused, fused_head=True, recompute=True):
+    from fastvae import VAE
+
+    torch.manual_seed(0)
+    return VAE((1, 4, 4), 3, "mlp", condition_dim=2,
+               encoder_config={"hidden": [12, 10], "fused_mlp": fused},
+               decoder_config={"hidden": [10, 9], "fused_mlp": fused, "fused_head": fused_head,
+                               "recompute_hidden": recompute}).double()
+
+
+def train_losses(model, steps=4, objective="analytic", num_samples=1):
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).round()
+    condition = torch.eye(2, dtype=torch.float64)[torch.tensor([0, 1, 1, 0, 1, 0])]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(x, condition, num_samples=num_samples, objective=objective, generator=generator).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@requires_cpp
+@pytest.mark.parametrize("fused_head", [True, False])
+@pytest.mark.parametrize("objective, num_samples", [("analytic", 1), ("iwae", 5)])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_vae_trains_the_same_with_the_fused_stack(fused_head, objective, num_samples, recompute, monkeypatch):
+    from fastvae.models.architectures import _recompute
+
+    monkeypatch.setattr(_recompute, "RECOMPUTE_MIN_BYTES", 0)  # recompute applies (and takes precedence) when on
+    fused, plain = mlp_vae(True, fused_head, recompute), mlp_vae(False, fused_head, recompute)
+    assert isinstance(fused.encoder.net, FusedMLP) and not isinstance(plain.encoder.net, FusedMLP)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    want = train_losses(plain, objective=objective, num_samples=num_samples)
+    got = train_losses(fused, objective=objective, num_samples=num_samples)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-10)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@requires_cpp
+def test_fused_stack_runs_as_one_node_in_the_vae():
+    model = mlp_vae(True, fused_head=True)
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64).round()
+    condition = torch.eye(2, dtype=torch.float64)[torch.tensor([0, 1, 1, 0, 1, 0])]
+    with torch.profiler.profile() as prof:
+        model(x, condition).loss.backward()
+    names = {event.key for event in prof.key_averages()}
+    assert {"fastvae::mlp", "fastvae::mlp_forward", "fastvae::mlp_backward"} <= names
+    assert "aten::tanh" not in names and "aten::linear" not in names
+
+
+def test_fused_mlp_environment_variable(monkeypatch):
+    from fastvae import VAE
+
+    monkeypatch.setenv("FASTVAE_FUSED_MLP", "1")
+    model = VAE((8,), 2, "mlp", encoder_config={"hidden": [6]}, decoder_config={"hidden": [6]})
+    assert isinstance(model.encoder.net, FusedMLP) and model.decoder.fused_mlp
+    assert not model.encoder.sparse_input
+    monkeypatch.setenv("FASTVAE_FUSED_MLP", "0")
+    model = VAE((8,), 2, "mlp", encoder_config={"hidden": [6]}, decoder_config={"hidden": [6]})
+    assert not isinstance(model.encoder.net, FusedMLP) and not model.decoder.fused_mlp
+    assert model.encoder.sparse_input
+    model = VAE((8,), 2, "mlp", encoder_config={"fused_mlp": True})
+    assert isinstance(model.encoder.net, FusedMLP)
+    monkeypatch.setenv("FASTVAE_FUSED_MLP", "yes")
+    with pytest.raises(ValueError, match="FASTVAE_FUSED_MLP must be 0 or 1, got 'yes'"):
+        VAE((8,), 2, "mlp")
+
+
+def test_fused_mlp_arguments_are_checked(monkeypatch):
+    from fastvae import VAE
+
+    with pytest.raises(ValueError, match="fused_mlp must be True, False or None"):
+        VAE((8,), 2, "mlp", encoder_config={"fused_mlp": 1})
+    with pytest.raises(ValueError, match="sparse_input=True and the fused stack"):
+        VAE((8,), 2, "mlp", encoder_config={"fused_mlp": True, "sparse_input": True})
+    monkeypatch.setenv("FASTVAE_FUSED_MLP", "1")
+    with pytest.raises(ValueError, match="sparse_input=True and the fused stack"):
+        VAE((8,), 2, "mlp", encoder_config={"sparse_input": True})
+
+
+@requires_cpp
+def test_fused_vae_state_dict_loads_into_the_plain_one():
+    fused, plain = mlp_vae(True), mlp_vae(False)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(0.1)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64).round()
+    condition = torch.eye(2, dtype=torch.float64)[torch.tensor([0, 1, 1, 0, 1, 0])]
+    mu_f, logvar_f = fused.encode(x, condition)
+    mu_p, logvar_p = plain.encode(x, condition)
+    torch.testing.assert_close(mu_f, mu_p, rtol=1e-12, atol=1e-12)
+    z = torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(fused.decode(z, condition), plain.decode(z, condition), rtol=1e-12, atol=1e-12)
