@@ -450,3 +450,14 @@ def test_fused_vae_state_dict_loads_into_the_plain_one():
     torch.testing.assert_close(mu_f, mu_p, rtol=1e-12, atol=1e-12)
     z = torch.randn(6, 3, dtype=torch.float64)
     torch.testing.assert_close(fused.decode(z, condition), plain.decode(z, condition), rtol=1e-12, atol=1e-12)
+
+
+def test_the_docs_page_runs():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "nn.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 2
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"docs/nn.md python block {index}", "exec"), {"__name__": "docs_nn"})
