@@ -118,9 +118,43 @@ def test_bfloat16_takes_the_aten_passes(device):
     seq = sequential([8, 16, 4], ["relu", "none"]).to(device)
     x = torch.randn(10, 8, dtype=torch.float64, device=device)
     fused = FusedMLP.from_sequential(copy.deepcopy(seq)).bfloat16()
-    got = fused(x.bfloat16())
+    xb = x.bfloat16().requires_grad_()
+    got = fused(xb)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), seq(x).detach(), rtol=3e-2, atol=3e-2)
+    got.sum().backward()
+    xd = x.clone().requires_grad_()
+    seq(xd).sum().backward()
+    torch.testing.assert_close(xb.grad.double(), xd.grad, rtol=5e-2, atol=5e-2)
+    for p, q in zip(fused.parameters(), seq.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=5e-2, atol=1e-1)
+
+
+@requires_cpp
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_and_an_expanded_gradient(device):
+    seq = sequential([6, 9, 3], ["tanh", "sigmoid"]).to(device)
+    fused = FusedMLP.from_sequential(copy.deepcopy(seq))
+    with torch.no_grad():  # a transposed weight and a strided bias hold the same values
+        fused[0].weight = nn.Parameter(fused[0].weight.t().contiguous().t())
+        fused[2].bias = nn.Parameter(torch.stack([fused[2].bias, fused[2].bias], 1)[:, 0])
+    assert not fused[0].weight.is_contiguous() and not fused[2].bias.is_contiguous()
+    x = torch.randn(6, 4, 5, dtype=torch.float64, device=device).transpose(0, 2)  # (5, 4, 6), strided
+    grads = []
+    for model in (seq, fused):
+        xi = x.clone().requires_grad_() if model is seq else x.detach().requires_grad_()
+        model(xi).sum().backward()  # the incoming gradient is one value expanded (stride 0)
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    for g, w in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@requires_cpp
+def test_double_backward_is_refused_with_a_message():
+    fused = FusedMLP.from_sizes([4, 5, 2]).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="FusedMLP has no double backward"):
+        torch.autograd.grad(fused(x).sum(), x, create_graph=True)
 
 
 @requires_cpp
