@@ -184,18 +184,24 @@ GradsAll backward(const Elementwise& e, const Tensor& grad, const Tensor& x, Ten
   const NeedsGrad needs{needs_grad};
   const size_t layers = weights.size();
   const int64_t rows = rows_of(x);
+  Tensor grad_x;
+  std::vector<Tensor> grad_weights(layers), grad_biases(layers);
   // Each gradient not asked for is its own empty tensor: outputs of an op must not alias.
-  const auto none = [&] { return at::empty({0}, x.options()); };
-  Tensor grad_x = none();
-  std::vector<Tensor> grad_weights, grad_biases;
-  for (size_t i = 0; i < layers; ++i) {
-    grad_weights.push_back(none());
-    grad_biases.push_back(none());
-  }
+  const auto result = [&]() -> GradsAll {
+    const auto fill = [&](Tensor& t) {
+      if (!t.defined()) t = at::empty({0}, x.options());
+    };
+    fill(grad_x);
+    for (size_t i = 0; i < layers; ++i) {
+      fill(grad_weights[i]);
+      fill(grad_biases[i]);
+    }
+    return {grad_x, grad_weights, grad_biases};
+  };
   // The walk stops at the lowest layer whose gradients, or whose input's, are asked for.
   size_t lowest = 0;
   while (!needs.x() && lowest < layers && !needs.layer(lowest)) ++lowest;
-  if (lowest == layers) return {grad_x, grad_weights, grad_biases};
+  if (lowest == layers) return result();
 
   // The gradient before each activation takes turns in two buffers with the
   // gradient of the layer's input computed from it.
@@ -227,7 +233,7 @@ GradsAll backward(const Elementwise& e, const Tensor& grad, const Tensor& x, Ten
       at::mm_out(g, grad_pre, weights[i]);
     }
   }
-  return {grad_x, grad_weights, grad_biases};
+  return result();
 }
 
 // ---------------------------------------------------------------------------
