@@ -31,6 +31,7 @@ from .ops import (  # noqa: F401
     sparse_input_linear,
 )
 from .models.vae import VAE  # noqa: F401,E402
+from . import nn  # noqa: F401,E402  (fastvae.nn.FusedMLP)
 from .io.export import load  # noqa: F401,E402
 
 

@@ -18,7 +18,7 @@ input): recomputing adds one activation-sized buffer to the backward's peak.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -102,15 +102,24 @@ def dropped_bytes(layers: Sequence[nn.Module], x: Tensor) -> int:
     return x.shape[0] * sum(widths) * x.element_size()
 
 
-def run_stack(layers: Sequence[nn.Module], x: Tensor, recompute: bool, min_bytes: int | None = None) -> Tensor:
-    """The layers applied to x in turn; through _RecomputedStack when recompute is on, autograd records,
-    the layers are recomputable and it drops at least min_bytes (default RECOMPUTE_MIN_BYTES).
+def recomputes(layers: Sequence[nn.Module], x: Tensor, recompute: bool, min_bytes: int | None = None) -> bool:
+    """Whether run_stack recomputes: recompute is on, autograd records, the layers are recomputable
+    and it drops at least min_bytes (default RECOMPUTE_MIN_BYTES)."""
+    min_bytes = RECOMPUTE_MIN_BYTES if min_bytes is None else min_bytes
+    return recompute and torch.is_grad_enabled() and recomputable(layers) and dropped_bytes(layers, x) >= min_bytes
+
+
+def run_stack(layers: Sequence[nn.Module], x: Tensor, recompute: bool, min_bytes: int | None = None,
+              fused: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The layers applied to x in turn; through _RecomputedStack when it `recomputes`, else through
+    `fused` (the same layers as one op, fastvae.nn.FusedStack) when given.
 
     layers: a list (or nn.Sequential) of modules. A plain list is cheaper per call: slicing an
     nn.Sequential builds a new module every time.
     """
-    min_bytes = RECOMPUTE_MIN_BYTES if min_bytes is None else min_bytes
-    if not (recompute and torch.is_grad_enabled() and recomputable(layers) and dropped_bytes(layers, x) >= min_bytes):
+    if not recomputes(layers, x, recompute, min_bytes):
+        if fused is not None:
+            return fused(x)
         for layer in layers:
             x = layer(x)
         return x

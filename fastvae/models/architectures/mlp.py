@@ -11,10 +11,11 @@ import math
 from torch import Tensor, nn
 
 from ... import ops
+from ...nn import FusedMLP, FusedStack, fused_mlp_default
 from ..registry import Decoder, Encoder, register_decoder, register_encoder
 
 from ._common import check_widths, make_activation, with_condition
-from ._recompute import run_stack
+from ._recompute import recomputes, run_stack
 
 
 def _mlp(in_features: int, hidden: tuple[int, ...], out_features: int, activation: str) -> nn.Sequential:
@@ -26,6 +27,15 @@ def _mlp(in_features: int, hidden: tuple[int, ...], out_features: int, activatio
     return nn.Sequential(*layers)
 
 
+def _fused_choice(fused_mlp) -> bool:
+    """fused_mlp as given, or FASTVAE_FUSED_MLP's choice (default off) for None."""
+    if fused_mlp is None:
+        return fused_mlp_default()
+    if not isinstance(fused_mlp, bool):
+        raise ValueError(f"fused_mlp must be True, False or None (FASTVAE_FUSED_MLP decides), got {fused_mlp!r}")
+    return fused_mlp
+
+
 @register_encoder("mlp")
 class MLPEncoder(Encoder):
     """Fully connected encoder (Kingma & Welling 2014); flattens any input shape.
@@ -33,22 +43,34 @@ class MLPEncoder(Encoder):
     sparse_input: the first layer runs fastvae.sparse_input_linear, which works from the
     nonzeros of the input (binarized images are mostly zeros) and falls back to the dense
     product for dense inputs. Same numbers as nn.Linear up to float rounding; same state dict.
+    fused_mlp: the whole stack runs as one op (fastvae.nn.FusedMLP), its first layer dense;
+    None: FASTVAE_FUSED_MLP=1 turns it on (default off). sparse_input=None: on unless fused.
     """
 
     def __init__(self, input_shape, latent_dim, condition_dim=0, hidden=(500,), activation="tanh",
-                 sparse_input=True):
+                 sparse_input=None, fused_mlp=None):
         super().__init__(input_shape, latent_dim, condition_dim)
         hidden = check_widths("hidden", hidden)
+        self.fused_mlp = _fused_choice(fused_mlp)
+        if sparse_input is None:
+            sparse_input = not self.fused_mlp
         if not isinstance(sparse_input, bool):
             raise ValueError(f"sparse_input must be True or False, got {sparse_input!r}")
+        if sparse_input and self.fused_mlp:
+            raise ValueError("sparse_input=True and the fused stack (fused_mlp=True or FASTVAE_FUSED_MLP=1) exclude "
+                             "each other: the fused stack computes the first layer dense; turn one of them off")
         self.sparse_input = sparse_input
-        self.net = _mlp(math.prod(self.input_shape) + condition_dim, hidden, 2 * latent_dim, activation)
+        net = _mlp(math.prod(self.input_shape) + condition_dim, hidden, 2 * latent_dim, activation)
+        self.net = FusedMLP.from_sequential(net) if self.fused_mlp else net
         # The layers as a plain list: registered once, as net.<i> (see MLPDecoder._hidden_layers).
         self._layers = list(self.net)
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check_input(x, condition)
         h = with_condition(x.flatten(1), condition)
+        if self.fused_mlp:
+            mu, logvar = self.net(h).chunk(2, dim=1)
+            return mu, logvar
         first, *others = self._layers
         h = ops.sparse_input_linear(h, first.weight, first.bias) if self.sparse_input else first(h)
         for layer in others:
@@ -67,10 +89,13 @@ class MLPDecoder(Decoder):
     hidden layer; the backward recomputes the others (fastvae/models/architectures/_recompute.py).
     Same numbers; for IWAE's k x B rows it saves (len(hidden) - 1) activations of (k*B, width).
     It applies when that saves at least 1 MiB (RECOMPUTE_MIN_BYTES), where it pays for its pass.
+    fused_mlp: the hidden layers (and, without the fused head, the output layer) run as one op
+    (fastvae.nn.FusedStack) wherever recompute_hidden does not apply; None: FASTVAE_FUSED_MLP=1
+    turns it on (default off). Same numbers and state dict either way.
     """
 
     def __init__(self, output_shape, latent_dim, condition_dim=0, likelihood="bernoulli", hidden=(500,),
-                 activation="tanh", fused_head=True, recompute_hidden=True):
+                 activation="tanh", fused_head=True, recompute_hidden=True, fused_mlp=None):
         super().__init__(output_shape, latent_dim, condition_dim, likelihood)
         hidden = check_widths("hidden", hidden)
         for name, value in (("fused_head", fused_head), ("recompute_hidden", recompute_hidden)):
@@ -82,6 +107,10 @@ class MLPDecoder(Decoder):
         # The layers before the output layer, as a plain list: registered once, as net.<i>, and
         # not re-sliced (slicing an nn.Sequential builds a module) at every call of hidden().
         self._hidden_layers = list(self.net)[:-1]
+        self.fused_mlp = _fused_choice(fused_mlp)
+        named = list(self.net._modules.items())
+        self._fused_net = FusedStack(named) if self.fused_mlp else None
+        self._fused_hidden = FusedStack(named[:-1]) if self.fused_mlp and hidden else None
 
     @property
     def output_layer(self) -> nn.Linear:
@@ -91,7 +120,14 @@ class MLPDecoder(Decoder):
     def hidden(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """The last hidden layer (N, H), the input of output_layer."""
         self.check_input(z, condition)
-        return run_stack(self._hidden_layers, with_condition(z, condition), self.recompute_hidden)
+        return run_stack(self._hidden_layers, with_condition(z, condition), self.recompute_hidden,
+                         fused=self._fused_hidden)
 
     def forward(self, z: Tensor, condition: Tensor | None = None):
-        return self.to_output(self.output_layer(self.hidden(z, condition)))
+        if self._fused_net is None:
+            return self.to_output(self.output_layer(self.hidden(z, condition)))
+        self.check_input(z, condition)
+        h = with_condition(z, condition)
+        if recomputes(self._hidden_layers, h, self.recompute_hidden):
+            return self.to_output(self.output_layer(run_stack(self._hidden_layers, h, True)))
+        return self.to_output(self._fused_net(h))
