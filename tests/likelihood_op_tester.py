@@ -215,7 +215,7 @@ class LikelihoodOpTester:
             if isinstance(inputs.second, Tensor):
                 bf16 = bf16._replace(second=inputs.second.bfloat16())
             promoted = Inputs(*(t.float() if isinstance(t, Tensor) else t for t in bf16))
-            assert torch.equal(self.log_likelihood(bf16), self.log_likelihood(promoted)), form
+            torch.testing.assert_close(self.log_likelihood(bf16), self.log_likelihood(promoted), msg=form)
 
     @pytest.mark.parametrize("device", DEVICES)
     def test_non_contiguous_inputs(self, device):
@@ -227,7 +227,7 @@ class LikelihoodOpTester:
             x = torch.zeros(6, 20, dtype=torch.float64, device=device)[:, ::2].copy_(inputs.x)
             scattered = Inputs(strided(inputs.params), x, strided(inputs.second))
             assert not scattered.params.is_contiguous() and not scattered.x.is_contiguous()
-            assert torch.equal(self.log_likelihood(scattered), self.log_likelihood(inputs)), form
+            torch.testing.assert_close(self.log_likelihood(scattered), self.log_likelihood(inputs), msg=form)
 
     # -- 2. gradients ----------------------------------------------------------------------
     @pytest.mark.parametrize("samples", [None, 2])
