@@ -72,22 +72,27 @@ TORCH_LIBRARY(fastvae, m) {
       " float log_scale_value, bool needs_grad_x) -> (Tensor grad_mean, Tensor grad_log_scale, Tensor grad_x)");
   // The fused decoder head (csrc/head.h): per-row sums of log p(x | h W^T + b)
   // for h (L,B,H) or (B,H), weight (k*P,H), bias (k*P) or None, x (B,P);
-  // likelihood is "bernoulli", "gaussian" (fixed log-variance logvar_value) or
-  // "gaussian_learned" (k = 2: means, then log-variances). The (L,B,k*P)
-  // outputs of the layer are never materialized. precompute_grads only changes
-  // the autograd path: the forward then also computes the gradients for an
+  // likelihood is the name of any likelihood above ("bernoulli", "gaussian", ...:
+  // csrc/fastvae.h, kName). k = 1: the layer gives the first parameter, and a
+  // two-parameter likelihood takes logvar_value as its second for every pixel;
+  // k = 2 (two-parameter likelihoods): P first parameters, then P raw outputs r of
+  // the second, which is max(r + second_shift, second_min) (None: no bound). The
+  // (L,B,k*P) outputs of the layer are never materialized. precompute_grads only
+  // changes the autograd path: the forward then also computes the gradients for an
   // incoming gradient of 1 per row (_with_grads), and the backward scales them
   // when the incoming gradient is the same for every row; otherwise the
   // backward recomputes the layer chunk by chunk (_backward). x is data: no
   // gradient flows to it. Gradients not computed are empty (0,) tensors.
   m.def(
       "fused_head_log_prob(Tensor h, Tensor weight, Tensor? bias, Tensor x, str likelihood,"
-      " float logvar_value=0., bool precompute_grads=False) -> Tensor");
+      " float logvar_value=0., bool precompute_grads=False, float second_shift=0., float? second_min=None)"
+      " -> Tensor");
   m.def(
       "fused_head_log_prob_with_grads(Tensor h, Tensor weight, Tensor? bias, Tensor x, str likelihood,"
-      " float logvar_value) -> (Tensor log_prob, Tensor grad_h, Tensor grad_weight, Tensor grad_bias)");
+      " float logvar_value, float second_shift=0., float? second_min=None)"
+      " -> (Tensor log_prob, Tensor grad_h, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "fused_head_log_prob_backward(Tensor grad, Tensor h, Tensor weight, Tensor? bias, Tensor x, str likelihood,"
-      " float logvar_value, bool needs_grad_h, bool needs_grad_weight, bool needs_grad_bias)"
-      " -> (Tensor grad_h, Tensor grad_weight, Tensor grad_bias)");
+      " float logvar_value, bool needs_grad_h, bool needs_grad_weight, bool needs_grad_bias,"
+      " float second_shift=0., float? second_min=None) -> (Tensor grad_h, Tensor grad_weight, Tensor grad_bias)");
 }
