@@ -1,9 +1,41 @@
-// ops.cpp: the schema of every fastvae op, and nothing else.
+// ops.cpp: the schema of every fastvae op, and nothing else (the likelihoods' are spelled
+// from their traits by define_likelihood_ops below).
 //
 // The kernels live in cpu/ and cuda/ (TORCH_LIBRARY_IMPL per dispatch key),
 // the autograd formulas in autograd.cpp, and the fake (meta) implementations
 // used by torch.compile in fastvae/ops/_fakes.py.
 #include <torch/library.h>
+
+#include <string>
+
+#include "fastvae.h"
+
+namespace {
+
+// The schemas of fused likelihood D's two ops, spelled from its traits (csrc/fastvae.h:
+// kName, kParamName, kSecondName). One parameter p:
+//   NAME_log_prob(Tensor p, Tensor x) -> Tensor
+//   NAME_log_prob_backward(Tensor grad, Tensor p, Tensor x, bool needs_grad_x) -> (Tensor grad_p, Tensor grad_x)
+// Two, p and s (s a tensor shaped like p, or None and the one value s_value):
+//   NAME_log_prob(Tensor p, Tensor x, Tensor? s, float s_value) -> Tensor
+//   NAME_log_prob_backward(Tensor grad, Tensor p, Tensor x, Tensor? s, float s_value, bool needs_grad_x)
+//       -> (Tensor grad_p, Tensor grad_s, Tensor grad_x)
+template <class D>
+void define_likelihood_ops(torch::Library& m) {
+  const std::string name = D::kName, p = D::kParamName;
+  std::string second_args, second_grad;
+  if constexpr (fastvae::has_second<D>()) {
+    const std::string s = D::kSecondName;
+    second_args = ", Tensor? " + s + ", float " + s + "_value";
+    second_grad = ", Tensor grad_" + s;
+  }
+  m.def((name + "_log_prob(Tensor " + p + ", Tensor x" + second_args + ") -> Tensor").c_str());
+  m.def((name + "_log_prob_backward(Tensor grad, Tensor " + p + ", Tensor x" + second_args +
+         ", bool needs_grad_x) -> (Tensor grad_" + p + second_grad + ", Tensor grad_x)")
+            .c_str());
+}
+
+}  // namespace
 
 TORCH_LIBRARY(fastvae, m) {
   // Fakes are registered from Python; tell the dispatcher where to find them.
@@ -48,28 +80,15 @@ TORCH_LIBRARY(fastvae, m) {
       "sparse_input_linear_backward(Tensor grad, Tensor x, Tensor weight, bool needs_grad_x,"
       " bool needs_grad_weight, bool needs_grad_bias) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
 
-  // Per-row sums of log p(x|params): params (L,B,P) or (B,P), x (B,P). The
-  // kernels of every likelihood come from its traits in csrc/fastvae.h.
-  m.def("bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");
-  m.def(
-      "bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x, bool needs_grad_x)"
-      " -> (Tensor grad_logits, Tensor grad_x)");
-  m.def("gaussian_log_prob(Tensor mean, Tensor x, Tensor? logvar, float logvar_value) -> Tensor");
-  m.def(
-      "gaussian_log_prob_backward(Tensor grad, Tensor mean, Tensor x, Tensor? logvar, float logvar_value,"
-      " bool needs_grad_x) -> (Tensor grad_mean, Tensor grad_logvar, Tensor grad_x)");
+  // Per-row sums of log p(x|params): params (L,B,P) or (B,P), x (B,P), and their
+  // backward; one line per fused likelihood, whose kernels (and fused head) come from
+  // its traits in csrc/fastvae.h. Their arguments:
+  define_likelihood_ops<fastvae::BernoulliLikelihood>(m);            // (logits, x)
+  define_likelihood_ops<fastvae::GaussianLikelihood>(m);             // (mean, x, logvar?, logvar_value)
+  define_likelihood_ops<fastvae::ContinuousBernoulliLikelihood>(m);  // (logits, x), x in [0, 1]
+  // Over the 256 levels k/255 of x; log_scale a tensor, or None and the single value log_scale_value.
+  define_likelihood_ops<fastvae::DiscretizedLogisticLikelihood>(m);  // (mean, x, log_scale?, log_scale_value)
 
-  // Continuous Bernoulli from logits, x in [0, 1].
-  m.def("continuous_bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor");
-  m.def(
-      "continuous_bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x, bool needs_grad_x)"
-      " -> (Tensor grad_logits, Tensor grad_x)");
-  // Discretized logistic over the 256 levels k/255 of x; log_scale a tensor, or
-  // None and the single value log_scale_value.
-  m.def("discretized_logistic_log_prob(Tensor mean, Tensor x, Tensor? log_scale, float log_scale_value) -> Tensor");
-  m.def(
-      "discretized_logistic_log_prob_backward(Tensor grad, Tensor mean, Tensor x, Tensor? log_scale,"
-      " float log_scale_value, bool needs_grad_x) -> (Tensor grad_mean, Tensor grad_log_scale, Tensor grad_x)");
   // The fused decoder head (csrc/head.h): per-row sums of log p(x | h W^T + b)
   // for h (L,B,H) or (B,H), weight (k*P,H), bias (k*P) or None, x (B,P);
   // likelihood is the name of any likelihood above ("bernoulli", "gaussian", ...:
