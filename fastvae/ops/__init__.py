@@ -8,9 +8,8 @@
     continuous_bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
     discretized_logistic_log_likelihood(mean, log_scale, x) -> log p(x|z) per row
     nats_to_bits_per_dim(nats, num_dims)         -> bits per dimension
-    fused_head_log_likelihood(h, weight, bias, x, likelihood) -> log p(x|z) per row from the
-                                                 decoder's last hidden layer (output layer fused in),
-                                                 for every likelihood of FUSED_LIKELIHOODS
+    fused_head_log_likelihood(h, weight, bias, x, likelihood) -> the same from the decoder's last
+                                                 hidden layer (output layer fused in), any of FUSED_LIKELIHOODS
 
 Shapes: mu, logvar are (B, D). With num_samples=None one sample is drawn and
 z is (B, D), log_q and log_p are (B,); with num_samples=L they are (L, B, D) and
@@ -25,13 +24,11 @@ op's handle (the registered op or its reference fallback) and draws seeds; ._che
 holds the argument checks the fakes and the fallback share; ._fakes registers the
 fake (meta) implementations torch.compile uses; this file is the public API.
 
-One spelling per fused likelihood: NAME (e.g. "bernoulli", "discretized_logistic") is the
-kName of its traits struct in csrc/fastvae.h, its ops fastvae::NAME_log_prob(_backward),
-reference.NAME_log_prob, the public NAME_log_likelihood here ("log prob" of the distribution,
-"log likelihood" of the decoder's output given the data), the fused head's
-likelihood="NAME", and the name of its declaration in fastvae.models.likelihoods
-(Likelihood.fused_head; a declaration using another's op, like "gaussian_learned", names
-that op there). Each is declared here by one _likelihood_op line beside its function.
+One spelling per fused likelihood: NAME (e.g. "discretized_logistic") is its traits' kName in
+csrc/fastvae.h, its ops fastvae::NAME_log_prob(_backward), reference.NAME_log_prob, NAME_log_likelihood
+here ("log prob" of the distribution, "log likelihood" of the decoder's output given the data), the
+fused head's likelihood="NAME", and its declaration's name and fused_head in fastvae.models.likelihoods
+("gaussian_learned" names the op it uses, "gaussian"). One _likelihood_op line beside its function each.
 """
 
 from __future__ import annotations
@@ -54,12 +51,12 @@ from ._backend import (  # noqa: F401  (backend(), build_hint, source_tree, draw
     _sparse_input_linear_op,
     backend,
     build_hint,
+    check_fused_likelihoods,
     cuda_kernels_built,
     draw_seed,
     reference_likelihood_op,
     source_tree,
 )
-from ._backend import check_fused_likelihoods
 from ._checks import _FUSED, FusedLikelihood, _check_float, _check_int, _check_tensor, _head_likelihood
 
 class LatentTerms(NamedTuple):
@@ -203,8 +200,7 @@ def _capturing(t: Tensor) -> bool:
 
 
 def _check_unit_interval(flat_x: Tensor, name: str) -> None:
-    """Raise unless every x lies in [0, 1] for fused likelihood `name`, when it declares that range
-    (one pass over x; skipped while compiling or capturing a CUDA graph)."""
+    """Raise unless x lies in [0, 1] where likelihood `name` needs it (one pass; not while compiling/capturing)."""
     words = _FUSED[name].unit_interval
     if words and flat_x.numel() and not torch.compiler.is_compiling() and not _capturing(flat_x):
         low, high = torch.aminmax(flat_x.detach())
@@ -365,8 +361,8 @@ def fused_head_log_likelihood(
     two-parameter likelihood then takes `logvar` as its second parameter for every element),
     or, for a two-parameter likelihood, P first parameters then P raw outputs r of the second
     (k = 2, parameter-major as a decoder emits them), which is max(r + second_shift, second_min)
-    (second_min None: unbounded). "gaussian_learned" still names "gaussian" with k = 2.
-    The same numbers as the likelihood functions on the layer's output, without ever holding
+    (None: unbounded); "gaussian_learned" names "gaussian" with k = 2. The same numbers as the
+    likelihood functions on the layer's output (decoded as Decoder.to_output does), without ever holding
     the (L, B, k*P) output or its gradient: rows are processed in cache-sized chunks, and the
     backward recomputes a chunk's output from the saved h. x is data: no gradient flows to it.
 
@@ -375,7 +371,7 @@ def fused_head_log_likelihood(
     row, as for a loss that averages the rows (the analytic and Monte Carlo ELBOs); one GEMM less
     than recomputing. Otherwise (IWAE's weights differ per row) the backward recomputes anyway.
     It applies on CPU in eager mode only (the check reads the incoming gradient on the host).
-    check_range=False skips the [0, 1] check of x for the likelihoods that need it.
+    check_range=False skips the [0, 1] check of x (the likelihoods declared with unit_interval).
     """
     _check_tensor(h, "h")
     _check_tensor(x, "x")
@@ -389,7 +385,7 @@ def fused_head_log_likelihood(
         bias = None if bias is None else bias.to(dtype)
     if check_range:
         _check_unit_interval(flat_x, likelihood)
-    second = (_check_float(logvar, "logvar"), _check_float(second_shift, "second_shift"),
-              None if second_min is None else _check_float(second_min, "second_min"))
+    second_min = None if second_min is None else _check_float(second_min, "second_min")
     precompute = bool(precompute_grads) and not torch.compiler.is_compiling()
-    return _fused_head_op(h, weight, bias, flat_x, likelihood, second[0], precompute, *second[1:])
+    return _fused_head_op(h, weight, bias, flat_x, likelihood, _check_float(logvar, "logvar"), precompute,
+                          _check_float(second_shift, "second_shift"), second_min)

@@ -97,8 +97,9 @@ def _fused_likelihood(name: str) -> FusedLikelihood:
 
 
 def _check_head(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likelihood: str,
-                logvar_value: float = 0.0, second_shift: float = 0.0, second_min: float | None = None) -> int:
-    """The checks of csrc/head.h (prepare_head); returns k, the layer's outputs per pixel."""
+                logvar_value: float = 0.0, second_shift: float = 0.0, second_min: float | None = None) -> None:
+    """The checks of csrc/head.h (prepare_head): k = weight's rows per pixel is 1, or 2 for a
+    two-parameter likelihood reading its second parameter from the layer."""
     second_name = _fused_likelihood(likelihood).second_name
     _require(math.isfinite(logvar_value), f"fastvae: logvar_value must be finite, got {logvar_value}")
     _require(math.isfinite(second_shift), f"fastvae: second_shift must be finite, got {second_shift}")
@@ -127,7 +128,6 @@ def _check_head(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likel
         _require(
             tuple(bias.shape) == (k * pixels,), f"fastvae: bias must have shape ({k * pixels},), got {tuple(bias.shape)}"
         )
-    return k
 
 
 def _head_likelihood(likelihood: str, weight: Tensor, pixels: int, hidden: int) -> str:
