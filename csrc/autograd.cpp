@@ -118,10 +118,10 @@ class LatentTermsFromGenerator : public torch::autograd::Function<LatentTermsFro
   }
 };
 
-// The handle of op "fastvae::<name>" (the name is copied by the lookup).
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_fastvae_op(const char* name) {
-  return find_op<Signature>((std::string("fastvae::") + name).c_str());
+// The handle of D's op "fastvae::<kName><suffix>" (the name is copied by the lookup).
+template <typename Signature, class D>
+c10::TypedOperatorHandle<Signature> find_likelihood_op(const char* suffix) {
+  return find_op<Signature>(op_name<D>(suffix).c_str());
 }
 
 // Autograd of a one-parameter likelihood D (Bernoulli, continuous Bernoulli):
@@ -130,14 +130,14 @@ template <class D>
 class OneParamLogProb : public torch::autograd::Function<OneParamLogProb<D>> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& params, const Tensor& x) {
-    static const auto op = find_fastvae_op<OneParamSig>(D::kForwardOp);
+    static const auto op = find_likelihood_op<OneParamSig, D>("_log_prob");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({params, x});
     return op.call(params, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_fastvae_op<OneParamBackwardSig>(D::kBackwardOp);
+    static const auto op = find_likelihood_op<OneParamBackwardSig, D>("_log_prob_backward");
     const auto saved = ctx->get_saved_variables();
     const bool needs_grad_x = ctx->needs_input_grad(1);
     BelowAutogradUnlessDoubleBackward guard;
@@ -153,7 +153,7 @@ class TwoParamLogProb : public torch::autograd::Function<TwoParamLogProb<D>> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& params, const Tensor& x, const optional<Tensor>& second,
                         double second_value) {
-    static const auto op = find_fastvae_op<TwoParamSig>(D::kForwardOp);
+    static const auto op = find_likelihood_op<TwoParamSig, D>("_log_prob");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({params, x, second.value_or(Tensor())});
     ctx->saved_data["second_value"] = second_value;
@@ -161,7 +161,7 @@ class TwoParamLogProb : public torch::autograd::Function<TwoParamLogProb<D>> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_fastvae_op<TwoParamBackwardSig>(D::kBackwardOp);
+    static const auto op = find_likelihood_op<TwoParamBackwardSig, D>("_log_prob_backward");
     const auto saved = ctx->get_saved_variables();
     const bool needs_grad_x = ctx->needs_input_grad(1);
     BelowAutogradUnlessDoubleBackward guard;
@@ -234,9 +234,9 @@ TORCH_LIBRARY_IMPL(fastvae, Autograd, m) {
   for_each_likelihood(FusedLikelihoods{}, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
     if constexpr (has_second<D>()) {
-      m.impl(D::kForwardOp, &two_param_autograd<D>);
+      m.impl(op_name<D>("_log_prob").c_str(), &two_param_autograd<D>);
     } else {
-      m.impl(D::kForwardOp, &one_param_autograd<D>);
+      m.impl(op_name<D>("_log_prob").c_str(), &one_param_autograd<D>);
     }
   });
   m.impl("latent_terms_from_generator", &latent_terms_from_generator_autograd);
@@ -249,13 +249,15 @@ TORCH_LIBRARY_IMPL(fastvae, Autograd, m) {
 namespace {
 
 using FusedHeadSig = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, const Tensor&, c10::string_view,
-                            double, bool);
+                            double, bool, double, optional<double>);
 using FusedHeadWithGradsSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
                                                                          const optional<Tensor>&, const Tensor&,
-                                                                         c10::string_view, double);
+                                                                         c10::string_view, double, double,
+                                                                         optional<double>);
 using FusedHeadBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                 const optional<Tensor>&, const Tensor&,
-                                                                c10::string_view, double, bool, bool, bool);
+                                                                c10::string_view, double, bool, bool, bool, double,
+                                                                optional<double>);
 
 // Whether t is an ordinary tensor whose values can be read on the host: not a
 // fake, functional or symbolic-shaped tensor of torch.compile's tracing, where
@@ -291,20 +293,24 @@ Tensor times_scalar_grad(const Tensor& t, const Tensor& grad) {
 class FusedHead : public torch::autograd::Function<FusedHead> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& h, const Tensor& weight, const optional<Tensor>& bias,
-                        const Tensor& x, c10::string_view likelihood, double logvar_value, bool precompute_grads) {
+                        const Tensor& x, c10::string_view likelihood, double logvar_value, bool precompute_grads,
+                        double second_shift, optional<double> second_min) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->saved_data["likelihood"] = std::string(likelihood);
     ctx->saved_data["logvar_value"] = logvar_value;
+    ctx->saved_data["second_shift"] = second_shift;
+    ctx->saved_data["second_min"] = second_min;
     const Tensor bias_or_undefined = bias.value_or(Tensor());
     if (precompute_grads) {
       static const auto op = find_op<FusedHeadWithGradsSig>("fastvae::fused_head_log_prob_with_grads");
-      auto [log_prob, grad_h, grad_weight, grad_bias] = op.call(h, weight, bias, x, likelihood, logvar_value);
+      auto [log_prob, grad_h, grad_weight, grad_bias] =
+          op.call(h, weight, bias, x, likelihood, logvar_value, second_shift, second_min);
       ctx->save_for_backward({h, weight, bias_or_undefined, x, grad_h, grad_weight, grad_bias});
       return log_prob;
     }
     static const auto op = find_op<FusedHeadSig>("fastvae::fused_head_log_prob");
     ctx->save_for_backward({h, weight, bias_or_undefined, x});
-    return op.call(h, weight, bias, x, likelihood, logvar_value, false);
+    return op.call(h, weight, bias, x, likelihood, logvar_value, false, second_shift, second_min);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -318,6 +324,8 @@ class FusedHead : public torch::autograd::Function<FusedHead> {
     bool needs_bias = ctx->needs_input_grad(2) && saved[2].defined();
     const std::string likelihood = ctx->saved_data["likelihood"].toStringRef();
     const double logvar_value = ctx->saved_data["logvar_value"].toDouble();
+    const double second_shift = ctx->saved_data["second_shift"].toDouble();
+    const optional<double> second_min = ctx->saved_data["second_min"].toOptional<double>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor grad_h, grad_weight, grad_bias;
     if (saved.size() == 7) {  // precomputed for a gradient of 1 per row
@@ -332,12 +340,12 @@ class FusedHead : public torch::autograd::Function<FusedHead> {
     }
     if (needs_h || needs_weight || needs_bias) {
       auto [gh, gw, gb] = op.call(grad, saved[0], saved[1], defined_or_none(saved[2]), saved[3], likelihood,
-                                  logvar_value, needs_h, needs_weight, needs_bias);
+                                  logvar_value, needs_h, needs_weight, needs_bias, second_shift, second_min);
       if (needs_h) grad_h = gh;
       if (needs_weight) grad_weight = gw;
       if (needs_bias) grad_bias = gb;
     }
-    return {grad_h, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_h, grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -345,7 +353,7 @@ class FusedHead : public torch::autograd::Function<FusedHead> {
 // below autograd: nothing is saved and no gradient is computed or allocated.
 Tensor fused_head_log_prob_autograd(const Tensor& h, const Tensor& weight, const optional<Tensor>& bias,
                                     const Tensor& x, c10::string_view likelihood, double logvar_value,
-                                    bool precompute_grads) {
+                                    bool precompute_grads, double second_shift, optional<double> second_min) {
   TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad()),
               "fastvae: fused_head_log_prob does not differentiate with respect to x (it is the data); detach x, "
               "or use the unfused path (output layer + likelihood op)");
@@ -354,12 +362,13 @@ Tensor fused_head_log_prob_autograd(const Tensor& h, const Tensor& weight, const
   if (!needs_grad) {
     static const auto op = find_op<FusedHeadSig>("fastvae::fused_head_log_prob");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(h, weight, bias, x, likelihood, logvar_value, precompute_grads);
+    return op.call(h, weight, bias, x, likelihood, logvar_value, precompute_grads, second_shift, second_min);
   }
   // The forward-computed gradients are only used after a check of the incoming
   // gradient that reads it on the host: a synchronization on a GPU, impossible
   // while torch.compile traces. There the backward always recomputes.
-  return FusedHead::apply(h, weight, bias, x, likelihood, logvar_value, precompute_grads && holds_its_values(h));
+  return FusedHead::apply(h, weight, bias, x, likelihood, logvar_value, precompute_grads && holds_its_values(h),
+                          second_shift, second_min);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 // Every function here is forced inline. The CPU loops that call them are
 // compiled once per ISA level (csrc/cpu/cpu_level.h, run_at_cpu_level); a
@@ -473,8 +474,12 @@ FASTVAE_FN T a_over_expm1(T a, T e) {
 // templates (csrc/cuda/likelihood.cu) and the autograd wrappers
 // (csrc/autograd.cpp) take everything about a likelihood from its struct:
 //
-//   kForwardOp, kBackwardOp  op names; their schemas are in csrc/ops.cpp. One
-//                            parameter: (params, x) -> (rows) and (grad, params,
+//   kName                    the likelihood's one spelling: its ops are
+//                            fastvae::<kName>_log_prob and <kName>_log_prob_backward
+//                            (schemas in csrc/ops.cpp), its fused head is
+//                            fused_head_log_prob(..., likelihood="<kName>"), its
+//                            public function fastvae.ops.<kName>_log_likelihood.
+//                            One parameter: (params, x) -> (rows) and (grad, params,
 //                            x, needs_grad_x) -> (grad_params, grad_x). Two:
 //                            (params, x, second?, second_value) -> (rows) and
 //                            (grad, params, x, second?, second_value,
@@ -488,8 +493,11 @@ FASTVAE_FN T a_over_expm1(T a, T e) {
 //   grads(p, s, x)           its derivatives in p, in the second parameter, and in x
 //   row_constant<T>(P)       a term added once per row of P elements
 //
+// The fused decoder head (csrc/head.h) runs the same structs on the layer's
+// output, so every likelihood here also has the head.
+//
 // Adding one: a struct here, its name in FusedLikelihoods below, its schema in
-// csrc/ops.cpp (README, "Adding a fused likelihood").
+// csrc/ops.cpp (docs/extending.md, "Adding a fused likelihood").
 // ---------------------------------------------------------------------------
 template <typename T>
 struct LikelihoodGrads {
@@ -500,8 +508,7 @@ struct NoSecond {};  // the second parameter of a one-parameter likelihood
 
 // Bernoulli from logits: log p = x*a - softplus(a).
 struct BernoulliLikelihood {
-  static constexpr const char* kForwardOp = "bernoulli_log_prob";
-  static constexpr const char* kBackwardOp = "bernoulli_log_prob_backward";
+  static constexpr const char* kName = "bernoulli";
   static constexpr const char* kParamName = "logits";
   static constexpr const char* kSecondName = nullptr;
   template <typename T>
@@ -520,8 +527,7 @@ struct BernoulliLikelihood {
 
 // Gaussian with mean and log-variance (a tensor, or one float for every element).
 struct GaussianLikelihood {
-  static constexpr const char* kForwardOp = "gaussian_log_prob";
-  static constexpr const char* kBackwardOp = "gaussian_log_prob_backward";
+  static constexpr const char* kName = "gaussian";
   static constexpr const char* kParamName = "mean";
   static constexpr const char* kSecondName = "logvar";
   template <typename T>
@@ -550,8 +556,7 @@ struct GaussianLikelihood {
 // exact at every logit: no probability is formed, nothing is clamped.
 // d/deta = x - mean(eta), mean(eta) = 1/(1 - e^-eta) - 1/eta (1/2 at 0); d/dx = eta.
 struct ContinuousBernoulliLikelihood {
-  static constexpr const char* kForwardOp = "continuous_bernoulli_log_prob";
-  static constexpr const char* kBackwardOp = "continuous_bernoulli_log_prob_backward";
+  static constexpr const char* kName = "continuous_bernoulli";
   static constexpr const char* kParamName = "logits";
   static constexpr const char* kSecondName = nullptr;
   template <typename T>
@@ -591,8 +596,7 @@ struct ContinuousBernoulliLikelihood {
 // (sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - e^(a-b))): every term is
 // exact, so no mid-bin density fallback is needed where the CDF difference underflows.
 struct DiscretizedLogisticLikelihood {
-  static constexpr const char* kForwardOp = "discretized_logistic_log_prob";
-  static constexpr const char* kBackwardOp = "discretized_logistic_log_prob_backward";
+  static constexpr const char* kName = "discretized_logistic";
   static constexpr const char* kParamName = "mean";
   static constexpr const char* kSecondName = "log_scale";
   static constexpr double kHalfBin = 0.5 / 255.0;
@@ -657,6 +661,12 @@ inline void for_each_likelihood(LikelihoodList<Likelihoods...>, F&& f) {
 template <class D>
 constexpr bool has_second() {
   return D::kSecondName != nullptr;
+}
+
+// "fastvae::<kName><suffix>": the name of one of D's ops (host code only).
+template <class D>
+inline std::string op_name(const char* suffix) {
+  return std::string("fastvae::") + D::kName + suffix;
 }
 
 }  // namespace fastvae

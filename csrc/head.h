@@ -10,18 +10,24 @@
 // and grad_bias. The (L, B, k*P) raw outputs and their gradient never exist at
 // full size.
 //
-// Layout of raw (as Decoder.to_output reads it): k = 1 parameter per pixel
-// (Bernoulli logits, Gaussian means) or k = 2 (Gaussian with learned variance:
-// columns [0, P) are means, [P, 2P) log-variances).
+// The likelihood is any traits struct of csrc/fastvae.h (FusedLikelihoods), chosen by
+// its kName: the head runs the same element functions as the likelihood ops. Layout
+// of raw (as Decoder.to_output reads it), k*P columns: k = 1, the parameter of each
+// pixel (a two-parameter likelihood then takes its second parameter as one value,
+// logvar_value, for every pixel), or, for a two-parameter likelihood only, k = 2:
+// columns [0, P) the first parameter, [P, 2P) the second's raw output r, from which
+// the second parameter is max(r + second_shift, second_min) (parameter-major, as a
+// decoder emits len(params) values per pixel). Which one is read from weight's shape.
 //
 // This file holds what both backends share: the argument checks, the
-// allocation of outputs, and the per-element math, which only combines the
-// functions of fastvae.h.
+// allocation of outputs, and the per-element math, which only calls the
+// likelihood's traits.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -31,72 +37,49 @@
 
 namespace fastvae {
 
-enum class HeadLikelihood : int { kBernoulli = 0, kGaussian = 1, kGaussianLearned = 2 };
-
-inline HeadLikelihood parse_head_likelihood(c10::string_view name) {
-  if (name == c10::string_view("bernoulli")) return HeadLikelihood::kBernoulli;
-  if (name == c10::string_view("gaussian")) return HeadLikelihood::kGaussian;
-  if (name == c10::string_view("gaussian_learned")) return HeadLikelihood::kGaussianLearned;
-  TORCH_CHECK(false, "fastvae: likelihood must be 'bernoulli', 'gaussian' or 'gaussian_learned', got '",
-              std::string(name), "'");
-}
-
-inline int64_t head_params_per_element(HeadLikelihood kind) {
-  return kind == HeadLikelihood::kGaussianLearned ? 2 : 1;
-}
+// What the element math needs besides the raw outputs: the second parameter when it is one
+// value for every pixel (made once by D::second), or the transform of the layer's second half.
+template <class D, typename T>
+struct HeadSecond {
+  typename D::template Second<T> fixed;
+  T shift, min;
+};
 
 // ---------------------------------------------------------------------------
-// Per-element math. `raw` holds h.W^T of one output (without the bias); with
-// kGrads it is overwritten by g * d log p / d raw. Returns the element's
-// log-probability (the Gaussian's -0.5*log(2 pi) is added once per row).
+// Per-element math. raw[0] holds h.W^T of the element's first parameter (without the
+// bias) and, with kLayerSecond, raw[P] that of its second; with kGrads they are
+// overwritten by g * d log p / d raw. Returns the element's log-probability (D's row
+// constant is added once per row). A second parameter clamped at second.min gets no
+// gradient, as torch.clamp's backward gives none there.
 // ---------------------------------------------------------------------------
-template <typename T, bool kLogProb, bool kGrads>
-FASTVAE_FN T head_bernoulli_element(T& raw, T bias, T x, T g) {
-  const T logit = raw + bias;
-  const T log_prob = kLogProb ? bernoulli_log_prob(logit, x) : T(0);
-  if (kGrads) raw = g * bernoulli_grad_logit(logit, x);
-  return log_prob;
-}
-
-template <typename T, bool kLogProb, bool kGrads>
-FASTVAE_FN T head_gaussian_element(T& raw, T bias, T x, T g, T logvar, T inv_var) {
-  const T mean = raw + bias;
-  const T log_prob = kLogProb ? gaussian_log_prob(mean, x, logvar, inv_var) : T(0);
-  if (kGrads) {
-    T grad_mean, unused;
-    gaussian_grads(mean, x, inv_var, &grad_mean, &unused);
-    raw = g * grad_mean;
+template <class D, bool kLayerSecond, bool kLogProb, bool kGrads, typename T>
+FASTVAE_FN T head_element(T* raw, const T* bias, int64_t P, T x, T g, const HeadSecond<D, T>& second) {
+  const T param = raw[0] + bias[0];
+  bool clamped = false;
+  typename D::template Second<T> s = second.fixed;
+  if constexpr (kLayerSecond) {
+    const T shifted = raw[P] + bias[P] + second.shift;
+    clamped = shifted < second.min;  // false for NaN, which then flows on
+    s = D::second(clamped ? second.min : shifted);
+  }
+  const T log_prob = kLogProb ? D::log_prob(param, s, x) : T(0);
+  if constexpr (kGrads) {
+    const LikelihoodGrads<T> d = D::grads(param, s, x);
+    raw[0] = g * d.param;
+    if constexpr (kLayerSecond) raw[P] = clamped ? T(0) : g * d.second;
   }
   return log_prob;
-}
-
-template <typename T, bool kLogProb, bool kGrads>
-FASTVAE_FN T head_gaussian_learned_element(T& raw_mean, T& raw_logvar, T bias_mean, T bias_logvar, T x, T g) {
-  const T mean = raw_mean + bias_mean;
-  const T logvar = raw_logvar + bias_logvar;
-  const T inv_var = exp_of(-logvar);
-  const T log_prob = kLogProb ? gaussian_log_prob(mean, x, logvar, inv_var) : T(0);
-  if (kGrads) {
-    T grad_mean, grad_logvar;
-    gaussian_grads(mean, x, inv_var, &grad_mean, &grad_logvar);
-    raw_mean = g * grad_mean;
-    raw_logvar = g * grad_logvar;
-  }
-  return log_prob;
-}
-
-// Added to each row sum: the Gaussian's normalizer, nothing for Bernoulli.
-template <typename T>
-FASTVAE_FN T head_row_constant(HeadLikelihood kind, int64_t pixels) {
-  return kind == HeadLikelihood::kBernoulli ? T(0) : T(-0.5 * kLog2Pi) * static_cast<T>(pixels);
 }
 
 // ---------------------------------------------------------------------------
 // Host side: checks and allocation.
 // ---------------------------------------------------------------------------
+// Raw outputs per pixel that weight gives: 1, or 2 for a two-parameter likelihood reading its
+// second parameter from the layer (csrc/fastvae.h, has_second). Anything else raises.
 // h: (L, B, H) or (B, H); weight: (k*P, H); bias: (k*P) or None; x: (B, P).
-inline void check_head_inputs(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                              const at::Tensor& x, HeadLikelihood kind) {
+template <class D>
+int64_t check_head_inputs(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor& x) {
   check_floating(h, "h");
   check_same(weight, h, "weight", "h");
   check_same(x, h, "x", "h");
@@ -105,17 +88,38 @@ inline void check_head_inputs(const at::Tensor& h, const at::Tensor& weight, con
   const bool single = h.dim() == 2 && h.size(0) == x.size(0);
   TORCH_CHECK(stacked || single, "fastvae: h must have shape (batch, hidden) or (num_samples, batch, hidden) with batch = ",
               x.size(0), " (x's first dimension), got ", h.sizes());
-  const int64_t k = head_params_per_element(kind);
-  const int64_t hidden = h.size(h.dim() - 1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == k * x.size(1) && weight.size(1) == hidden,
-              "fastvae: weight must have shape (", k, " * num_pixels, hidden) = (", k * x.size(1), ", ", hidden,
-              ") for this likelihood and these h and x, got ", weight.sizes());
+  const int64_t pixels = x.size(1), hidden = h.size(h.dim() - 1);
+  const bool shaped = weight.dim() == 2 && weight.size(1) == hidden;
+  const int64_t k = shaped && weight.size(0) == pixels ? 1 : (shaped && weight.size(0) == 2 * pixels ? 2 : 0);
+  if (has_second<D>()) {
+    TORCH_CHECK(k > 0, "fastvae: weight must have shape (1 * num_pixels, hidden) = (", pixels, ", ", hidden,
+                ") (", D::kSecondName, " one value) or (2 * num_pixels, hidden) = (", 2 * pixels, ", ", hidden, ") (",
+                D::kSecondName, " from the layer) for this likelihood and these h and x, got ", weight.sizes());
+  } else {
+    TORCH_CHECK(k == 1, "fastvae: weight must have shape (1 * num_pixels, hidden) = (", pixels, ", ", hidden,
+                ") for this likelihood and these h and x, got ", weight.sizes());
+  }
   if (bias.has_value()) {
     check_same(*bias, h, "bias", "h");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fastvae: bias must have shape (",
                 weight.size(0), ",), got ", bias->sizes());
   }
+  return k;
 }
+
+// The second parameter's arguments of the head ops (csrc/ops.cpp): its one value, and the
+// transform of the layer's second half.
+struct HeadSecondArgs {
+  double value = 0.0;  // logvar_value
+  double shift = 0.0;
+  c10::optional<double> min;
+
+  void check() const {
+    TORCH_CHECK(std::isfinite(value), "fastvae: logvar_value must be finite, got ", value);
+    TORCH_CHECK(std::isfinite(shift), "fastvae: second_shift must be finite, got ", shift);
+    TORCH_CHECK(!min.has_value() || !std::isnan(*min), "fastvae: second_min must be a number or None, got nan");
+  }
+};
 
 template <typename T>
 struct HeadArgs {
@@ -128,19 +132,23 @@ struct HeadArgs {
   T* grad_h;        // (rows, H) or nullptr
   T* grad_weight;   // (k*P, H) or nullptr
   T* grad_bias;     // (k*P) or nullptr
-  HeadLikelihood kind;
-  T logvar_value, fixed_inv_var;  // HeadLikelihood::kGaussian
+  T second_value, second_shift, second_min;  // HeadSecondArgs; second_min -inf for none
+  bool layer_second;                         // k = 2
   int64_t rows, batch, pixels, hidden, outputs;  // outputs = k*P
+
+  template <class D>
+  FASTVAE_FN HeadSecond<D, T> second() const {
+    return {D::second(second_value), second_shift, second_min};
+  }
 };
 
 // Inputs in the compute dtype, contiguous; outputs allocated (undefined when not wanted).
 struct HeadIO {
   at::ScalarType h_dtype, dtype;
-  HeadLikelihood kind;
   at::Tensor h, weight, bias, x, grad;
   at::Tensor log_prob, grad_h, grad_weight, grad_bias;
-  bool has_bias;
-  double logvar_value;
+  bool has_bias, layer_second;
+  HeadSecondArgs second;
   int64_t rows, batch, pixels, hidden, outputs;
 
   template <typename T>
@@ -154,9 +162,10 @@ struct HeadIO {
             defined_ptr<T>(grad_h),
             defined_ptr<T>(grad_weight),
             defined_ptr<T>(grad_bias),
-            kind,
-            static_cast<T>(logvar_value),
-            static_cast<T>(std::exp(-logvar_value)),
+            static_cast<T>(second.value),
+            static_cast<T>(second.shift),
+            second.min.has_value() ? static_cast<T>(*second.min) : -std::numeric_limits<T>::infinity(),
+            layer_second,
             rows,
             batch,
             pixels,
@@ -180,13 +189,14 @@ struct HeadWants {
   bool any_grad() const { return grad_h || grad_weight || grad_bias; }
 };
 
-inline HeadIO prepare_head(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                           const at::Tensor& x, c10::string_view likelihood, double logvar_value,
-                           const c10::optional<at::Tensor>& grad, HeadWants wants) {
+template <class D>
+HeadIO prepare_head(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& x, const HeadSecondArgs& second, const c10::optional<at::Tensor>& grad,
+                    HeadWants wants) {
   HeadIO io;
-  io.kind = parse_head_likelihood(likelihood);
-  check_head_inputs(h, weight, bias, x, io.kind);
-  TORCH_CHECK(std::isfinite(logvar_value), "fastvae: logvar_value must be finite, got ", logvar_value);
+  io.layer_second = check_head_inputs<D>(h, weight, bias, x) == 2;
+  second.check();
+  io.second = second;
   io.h_dtype = h.scalar_type();
   io.dtype = sum_dtype(io.h_dtype);
   io.batch = x.size(0);
@@ -199,7 +209,6 @@ inline HeadIO prepare_head(const at::Tensor& h, const at::Tensor& weight, const 
   io.has_bias = bias.has_value();
   io.bias = io.has_bias ? contiguous_as(*bias, io.dtype) : at::zeros({io.outputs}, io.weight.options());
   io.x = contiguous_as(x, io.dtype);
-  io.logvar_value = logvar_value;
   const auto row_shape = h.sizes().slice(0, h.dim() - 1);  // (L, B) or (B)
   if (grad.has_value()) {
     check_on_device(grad, h, "grad", "h");
@@ -215,29 +224,42 @@ inline HeadIO prepare_head(const at::Tensor& h, const at::Tensor& weight, const 
   return io;
 }
 
-// The three head ops on one backend, which supplies Backend::compute(io, wants) (the chunked
-// loop over the rows) and Backend::Guard(device) (makes the inputs' device current). The
+// The three head ops on one backend, which supplies Backend::compute<D>(io, wants) (the chunked
+// loop over the rows, for likelihood D) and Backend::Guard(device) (makes the inputs' device
+// current). The likelihood is looked up by name once per call (with_fused_likelihood); the
 // checks, the allocation and the outputs are shared here, as LikelihoodOps does for the
 // likelihoods (host.h).
 template <class Backend>
 struct HeadOps {
+  // io for these arguments, with `compute` run on it when anything is wanted.
+  static HeadIO run(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& x, c10::string_view likelihood, const HeadSecondArgs& second,
+                    const c10::optional<at::Tensor>& grad, HeadWants wants) {
+    const typename Backend::Guard guard(h.device());
+    HeadIO io;
+    with_fused_likelihood(likelihood, [&](auto* tag) {
+      using D = std::remove_pointer_t<decltype(tag)>;
+      io = prepare_head<D>(h, weight, bias, x, second, grad, wants);
+      if (wants.log_prob || wants.any_grad()) Backend::template compute<D>(io, wants);
+    });
+    return io;
+  }
+
   static at::Tensor log_prob(const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& x, c10::string_view likelihood, double logvar_value,
-                             bool /*precompute_grads: autograd only*/) {
-    const typename Backend::Guard guard(h.device());
+                             bool /*precompute_grads: autograd only*/, double second_shift,
+                             c10::optional<double> second_min) {
     const HeadWants wants{true, false, false, false};
-    const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
-    Backend::compute(io, wants);
-    return io.log_prob;
+    return run(h, weight, bias, x, likelihood, {logvar_value, second_shift, second_min}, c10::nullopt, wants)
+        .log_prob;
   }
 
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> log_prob_with_grads(
       const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& x,
-      c10::string_view likelihood, double logvar_value) {
-    const typename Backend::Guard guard(h.device());
+      c10::string_view likelihood, double logvar_value, double second_shift, c10::optional<double> second_min) {
     const HeadWants wants{true, true, true, true};
-    const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, c10::nullopt, wants);
-    Backend::compute(io, wants);
+    const HeadIO io =
+        run(h, weight, bias, x, likelihood, {logvar_value, second_shift, second_min}, c10::nullopt, wants);
     auto [grad_h, grad_weight, grad_bias] = io.grads();
     return {io.log_prob, grad_h, grad_weight, grad_bias};
   }
@@ -245,12 +267,9 @@ struct HeadOps {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
       const at::Tensor& x, c10::string_view likelihood, double logvar_value, bool needs_grad_h,
-      bool needs_grad_weight, bool needs_grad_bias) {
-    const typename Backend::Guard guard(h.device());
+      bool needs_grad_weight, bool needs_grad_bias, double second_shift, c10::optional<double> second_min) {
     const HeadWants wants{false, needs_grad_h, needs_grad_weight, needs_grad_bias};
-    const HeadIO io = prepare_head(h, weight, bias, x, likelihood, logvar_value, grad, wants);
-    if (wants.any_grad()) Backend::compute(io, wants);
-    return io.grads();
+    return run(h, weight, bias, x, likelihood, {logvar_value, second_shift, second_min}, grad, wants).grads();
   }
 
   template <class Library>

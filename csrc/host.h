@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -332,7 +333,7 @@ struct LikelihoodOps {
   static constexpr const char* second_name() { return D::kSecondName ? D::kSecondName : "second"; }
 
   static void run(const LikelihoodIO& io, bool backward) {
-    AT_DISPATCH_FLOATING_TYPES(io.dtype, D::kForwardOp,
+    AT_DISPATCH_FLOATING_TYPES(io.dtype, D::kName,
                                [&] { Backend::template run<D>(io.template args<scalar_t>(), backward); });
   }
 
@@ -368,11 +369,11 @@ struct LikelihoodOps {
   template <class Library>
   static void register_kernels(Library& m) {
     if constexpr (has_second<D>()) {
-      m.impl(D::kForwardOp, &forward);
-      m.impl(D::kBackwardOp, &backward);
+      m.impl(op_name<D>("_log_prob").c_str(), &forward);
+      m.impl(op_name<D>("_log_prob_backward").c_str(), &backward);
     } else {
-      m.impl(D::kForwardOp, &forward_one);
-      m.impl(D::kBackwardOp, &backward_one);
+      m.impl(op_name<D>("_log_prob").c_str(), &forward_one);
+      m.impl(op_name<D>("_log_prob_backward").c_str(), &backward_one);
     }
   }
 };
@@ -384,6 +385,32 @@ void register_likelihood_kernels(Library& m) {
     using D = std::remove_pointer_t<decltype(tag)>;
     LikelihoodOps<D, Backend>::register_kernels(m);
   });
+}
+
+// 'bernoulli', 'gaussian', ...: the kName of every fused likelihood, for messages.
+inline std::string fused_likelihood_names() {
+  std::string names;
+  for_each_likelihood(FusedLikelihoods{}, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    names += std::string(names.empty() ? "'" : ", '") + D::kName + "'";
+  });
+  return names;
+}
+
+// Calls f(static_cast<D*>(nullptr)) for the fused likelihood D whose kName is `name`
+// (the ops that take a likelihood by name, as the fused head does); any other name raises.
+template <class F>
+void with_fused_likelihood(c10::string_view name, F&& f) {
+  bool found = false;
+  for_each_likelihood(FusedLikelihoods{}, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    if (!found && name == c10::string_view(D::kName)) {
+      found = true;
+      f(tag);
+    }
+  });
+  TORCH_CHECK(found, "fastvae: likelihood must be one of ", fused_likelihood_names(), ", got '", std::string(name),
+              "'");
 }
 
 }  // namespace fastvae

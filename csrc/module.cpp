@@ -7,7 +7,9 @@
 // whole fused forward costs less than a few Python-level steps:
 //   draw_cpu_seed(generator=None) -> int
 //   latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl) -> (z, kl, log_q, log_p)
-// and cpu_level() -> str, the x86-64 level the float32 CPU loops run at (csrc/cpu/cpu_level.h).
+// cpu_level() -> str, the x86-64 level the float32 CPU loops run at (csrc/cpu/cpu_level.h),
+// and fused_likelihoods() -> tuple[str, ...], the kName of every fused likelihood
+// (csrc/fastvae.h), which fastvae.ops checks its own list against.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/Generator.h>
@@ -17,6 +19,7 @@
 #include "cpu/seed.h"
 
 #include "cpu/cpu_level.h"
+#include "fastvae.h"
 
 namespace {
 
@@ -89,6 +92,22 @@ PyObject* cpu_level(PyObject* /*module*/, PyObject* /*unused*/) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* fused_likelihoods(PyObject* /*module*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  PyObject* names = PyList_New(0);
+  if (names == nullptr) return nullptr;
+  fastvae::for_each_likelihood(fastvae::FusedLikelihoods{}, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    PyObject* name = PyUnicode_FromString(D::kName);
+    if (name != nullptr) PyList_Append(names, name);
+    Py_XDECREF(name);
+  });
+  PyObject* result = PyList_AsTuple(names);
+  Py_DECREF(names);
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"draw_cpu_seed", fastcall<draw_cpu_seed>(), METH_FASTCALL,
      "draw_cpu_seed(generator=None) -> int: a Philox seed drawn from a CPU torch.Generator"},
@@ -96,6 +115,8 @@ PyMethodDef methods[] = {
      "latent_terms_cpu_seed(mu, logvar, num_samples, generator, row_offset, stl) -> (z, kl, log_q, log_p)"},
     {"cpu_level", cpu_level, METH_NOARGS,
      "cpu_level() -> str: the level the float32 CPU loops run at: avx512, avx2 or baseline (FASTVAE_CPU_LEVEL)"},
+    {"fused_likelihoods", fused_likelihoods, METH_NOARGS,
+     "fused_likelihoods() -> tuple[str, ...]: the name of every fused likelihood (csrc/fastvae.h, kName)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

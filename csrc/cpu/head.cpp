@@ -53,39 +53,27 @@ int64_t head_chunk_rows(int64_t rows, int64_t outputs, int64_t element_size) {
   return std::max<int64_t>(8, (even + 7) / 8 * 8);
 }
 
-// The element loop over `count` rows starting at `first_row`, whose raw
-// outputs are in `raw` (count x outputs). Adds the gradient columns into
-// `grad_bias` when it is given.
-template <typename T, HeadLikelihood kKind, bool kLogProb, bool kGrads>
+// The element loop of likelihood D over `count` rows starting at `first_row`, whose raw
+// outputs are in `raw` (count x outputs). Adds the gradient columns into `grad_bias` when
+// it is given.
+template <class D, typename T, bool kLayerSecond, bool kLogProb, bool kGrads>
 __attribute__((always_inline)) inline void head_rows(const HeadArgs<T>& a, T* raw, int64_t first_row, int64_t count,
                                                      T* grad_bias) {
   const int64_t P = a.pixels, outputs = a.outputs;
   const T* bias = a.bias;
-  const T logvar_value = a.logvar_value, fixed_inv_var = a.fixed_inv_var;
+  const HeadSecond<D, T> second = a.template second<D>();
+  const T row_constant = D::template row_constant<T>(P);
   for (int64_t i = 0; i < count; ++i) {
     const int64_t row = first_row + i;
     T* r = raw + i * outputs;
     const T* x = a.x + (row % a.batch) * P;
     const T g = a.grad ? a.grad[row] : T(1);
     T sum = 0;
-    if constexpr (kKind == HeadLikelihood::kBernoulli) {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t p = 0; p < P; ++p) sum += head_bernoulli_element<T, kLogProb, kGrads>(r[p], bias[p], x[p], g);
-    } else if constexpr (kKind == HeadLikelihood::kGaussian) {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t p = 0; p < P; ++p) {
-        sum += head_gaussian_element<T, kLogProb, kGrads>(r[p], bias[p], x[p], g, logvar_value, fixed_inv_var);
-      }
-    } else {
-      T* r_logvar = r + P;
-      const T* bias_logvar = bias + P;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t p = 0; p < P; ++p) {
-        sum += head_gaussian_learned_element<T, kLogProb, kGrads>(r[p], r_logvar[p], bias[p], bias_logvar[p], x[p],
-                                                                   g);
-      }
+    for (int64_t p = 0; p < P; ++p) {
+      sum += head_element<D, kLayerSecond, kLogProb, kGrads>(r + p, bias + p, P, x[p], g, second);
     }
-    if constexpr (kLogProb) a.log_prob[row] = sum + head_row_constant<T>(kKind, P);
+    if constexpr (kLogProb) a.log_prob[row] = sum + row_constant;
     if constexpr (kGrads) {
       if (grad_bias) {
 #pragma omp simd
@@ -102,46 +90,44 @@ struct HeadTaskF32 {
   float* grad_bias;
 };
 
-template <HeadLikelihood kKind, bool kLogProb, bool kGrads>
+template <class D, bool kLayerSecond, bool kLogProb, bool kGrads>
 struct HeadRowsF32 {
   __attribute__((always_inline)) void operator()(const HeadTaskF32& t, int64_t first_row, int64_t count) const {
-    head_rows<float, kKind, kLogProb, kGrads>(*t.a, t.raw, first_row, count, t.grad_bias);
+    head_rows<D, float, kLayerSecond, kLogProb, kGrads>(*t.a, t.raw, first_row, count, t.grad_bias);
   }
 };
 
-template <typename T, HeadLikelihood kKind, bool kLogProb, bool kGrads>
+template <class D, typename T, bool kLayerSecond, bool kLogProb, bool kGrads>
 void rows_for(const HeadArgs<T>& a, T* raw, int64_t first_row, int64_t count, T* grad_bias) {
   if constexpr (std::is_same_v<T, float>) {
-    run_at_cpu_level<HeadRowsF32<kKind, kLogProb, kGrads>>(HeadTaskF32{&a, raw, grad_bias}, first_row, count);
+    run_at_cpu_level<HeadRowsF32<D, kLayerSecond, kLogProb, kGrads>>(HeadTaskF32{&a, raw, grad_bias}, first_row,
+                                                                      count);
   } else {
-    head_rows<T, kKind, kLogProb, kGrads>(a, raw, first_row, count, grad_bias);
+    head_rows<D, T, kLayerSecond, kLogProb, kGrads>(a, raw, first_row, count, grad_bias);
   }
 }
 
-template <typename T, HeadLikelihood kKind>
-void rows_of_kind(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count, T* grad_bias) {
+template <class D, typename T, bool kLayerSecond>
+void rows_with_second(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count,
+                      T* grad_bias) {
   if (!wants.any_grad()) {
-    rows_for<T, kKind, true, false>(a, raw, first_row, count, grad_bias);
+    rows_for<D, T, kLayerSecond, true, false>(a, raw, first_row, count, grad_bias);
   } else if (wants.log_prob) {
-    rows_for<T, kKind, true, true>(a, raw, first_row, count, grad_bias);
+    rows_for<D, T, kLayerSecond, true, true>(a, raw, first_row, count, grad_bias);
   } else {
-    rows_for<T, kKind, false, true>(a, raw, first_row, count, grad_bias);
+    rows_for<D, T, kLayerSecond, false, true>(a, raw, first_row, count, grad_bias);
   }
 }
 
-template <typename T>
+template <class D, typename T>
 void rows(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count, T* grad_bias) {
-  switch (a.kind) {
-    case HeadLikelihood::kBernoulli:
-      return rows_of_kind<T, HeadLikelihood::kBernoulli>(a, wants, raw, first_row, count, grad_bias);
-    case HeadLikelihood::kGaussian:
-      return rows_of_kind<T, HeadLikelihood::kGaussian>(a, wants, raw, first_row, count, grad_bias);
-    case HeadLikelihood::kGaussianLearned:
-      return rows_of_kind<T, HeadLikelihood::kGaussianLearned>(a, wants, raw, first_row, count, grad_bias);
+  if constexpr (has_second<D>()) {
+    if (a.layer_second) return rows_with_second<D, T, true>(a, wants, raw, first_row, count, grad_bias);
   }
+  rows_with_second<D, T, false>(a, wants, raw, first_row, count, grad_bias);
 }
 
-template <typename T>
+template <class D, typename T>
 void run_head(const HeadIO& io, HeadWants wants) {
   const HeadArgs<T> a = io.args<T>();
   if (a.rows == 0) return;
@@ -173,7 +159,7 @@ void run_head(const HeadIO& io, HeadWants wants) {
       at::Tensor raw_chunk = raw.narrow(0, 0, count);
       const at::Tensor h_chunk = io.h.narrow(0, first_row, count);
       at::mm_out(raw_chunk, h_chunk, weight_t);
-      rows<T>(a, wants, raw.data_ptr<T>(), first_row, count, grad_bias);
+      rows<D, T>(a, wants, raw.data_ptr<T>(), first_row, count, grad_bias);
       if (grad_h.defined()) {
         at::Tensor grad_h_chunk = grad_h.narrow(0, first_row, count);
         at::mm_out(grad_h_chunk, raw_chunk, io.weight);
@@ -189,8 +175,9 @@ void run_head(const HeadIO& io, HeadWants wants) {
 
 struct CpuHeadBackend {
   using Guard = NoDeviceGuard;
+  template <class D>
   static void compute(const HeadIO& io, HeadWants wants) {
-    AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::fused_head", [&] { run_head<scalar_t>(io, wants); });
+    AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::fused_head", [&] { run_head<D, scalar_t>(io, wants); });
   }
 };
 

@@ -27,12 +27,13 @@ namespace {
 constexpr int kHeadThreads = 256;
 constexpr int64_t kHeadChunkBytes = int64_t(32) << 20;  // 32 MiB of raw outputs per chunk
 
-template <HeadLikelihood kKind, bool kLogProb, bool kGrads, typename T>
+template <class D, bool kLayerSecond, bool kLogProb, bool kGrads, typename T>
 __global__ void __launch_bounds__(kHeadThreads)
     head_rows_kernel(const HeadArgs<T> a, T* raw, int64_t first_row, int64_t count) {
   using BlockReduce = cub::BlockReduce<T, kHeadThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
   const int64_t P = a.pixels;
+  const HeadSecond<D, T> second = a.template second<D>();
   for (int64_t i = blockIdx.x; i < count; i += gridDim.x) {  // i is uniform over the block
     const int64_t row = first_row + i;
     T* r = raw + i * a.outputs;
@@ -40,17 +41,11 @@ __global__ void __launch_bounds__(kHeadThreads)
     const T g = a.grad != nullptr ? a.grad[row] : T(1);
     T acc = T(0);
     for (int64_t p = threadIdx.x; p < P; p += kHeadThreads) {
-      if constexpr (kKind == HeadLikelihood::kBernoulli) {
-        acc += head_bernoulli_element<T, kLogProb, kGrads>(r[p], a.bias[p], x[p], g);
-      } else if constexpr (kKind == HeadLikelihood::kGaussian) {
-        acc += head_gaussian_element<T, kLogProb, kGrads>(r[p], a.bias[p], x[p], g, a.logvar_value, a.fixed_inv_var);
-      } else {
-        acc += head_gaussian_learned_element<T, kLogProb, kGrads>(r[p], r[P + p], a.bias[p], a.bias[P + p], x[p], g);
-      }
+      acc += head_element<D, kLayerSecond, kLogProb, kGrads>(r + p, a.bias + p, P, x[p], g, second);
     }
     if constexpr (kLogProb) {
       const T total = BlockReduce(temp).Sum(acc);
-      if (threadIdx.x == 0) a.log_prob[row] = total + head_row_constant<T>(kKind, P);
+      if (threadIdx.x == 0) a.log_prob[row] = total + D::template row_constant<T>(P);
       __syncthreads();  // temp is reused by the next row
     }
   }
@@ -61,34 +56,30 @@ unsigned int grid_for(int64_t rows) {
   return static_cast<unsigned int>(std::min(std::max<int64_t>(rows, 1), kMaxBlocks));
 }
 
-template <HeadLikelihood kKind, typename T>
-void launch_rows_of_kind(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count,
-                         cudaStream_t stream) {
+template <class D, bool kLayerSecond, typename T>
+void launch_rows_with_second(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count,
+                             cudaStream_t stream) {
   const unsigned int grid = grid_for(count);
   if (!wants.any_grad()) {
-    head_rows_kernel<kKind, true, false, T><<<grid, kHeadThreads, 0, stream>>>(a, raw, first_row, count);
+    head_rows_kernel<D, kLayerSecond, true, false, T><<<grid, kHeadThreads, 0, stream>>>(a, raw, first_row, count);
   } else if (wants.log_prob) {
-    head_rows_kernel<kKind, true, true, T><<<grid, kHeadThreads, 0, stream>>>(a, raw, first_row, count);
+    head_rows_kernel<D, kLayerSecond, true, true, T><<<grid, kHeadThreads, 0, stream>>>(a, raw, first_row, count);
   } else {
-    head_rows_kernel<kKind, false, true, T><<<grid, kHeadThreads, 0, stream>>>(a, raw, first_row, count);
+    head_rows_kernel<D, kLayerSecond, false, true, T><<<grid, kHeadThreads, 0, stream>>>(a, raw, first_row, count);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
+template <class D, typename T>
 void launch_rows(const HeadArgs<T>& a, HeadWants wants, T* raw, int64_t first_row, int64_t count) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (a.kind) {
-    case HeadLikelihood::kBernoulli:
-      return launch_rows_of_kind<HeadLikelihood::kBernoulli>(a, wants, raw, first_row, count, stream);
-    case HeadLikelihood::kGaussian:
-      return launch_rows_of_kind<HeadLikelihood::kGaussian>(a, wants, raw, first_row, count, stream);
-    case HeadLikelihood::kGaussianLearned:
-      return launch_rows_of_kind<HeadLikelihood::kGaussianLearned>(a, wants, raw, first_row, count, stream);
+  if constexpr (has_second<D>()) {
+    if (a.layer_second) return launch_rows_with_second<D, true>(a, wants, raw, first_row, count, stream);
   }
+  launch_rows_with_second<D, false>(a, wants, raw, first_row, count, stream);
 }
 
-template <typename T>
+template <class D, typename T>
 void run_head(const HeadIO& io, HeadWants wants) {
   const HeadArgs<T> a = io.args<T>();
   if (a.rows == 0) return;
@@ -101,7 +92,7 @@ void run_head(const HeadIO& io, HeadWants wants) {
     at::Tensor raw_chunk = raw.narrow(0, 0, count);
     const at::Tensor h_chunk = io.h.narrow(0, first_row, count);
     at::mm_out(raw_chunk, h_chunk, weight_t);
-    launch_rows<T>(a, wants, raw.data_ptr<T>(), first_row, count);
+    launch_rows<D, T>(a, wants, raw.data_ptr<T>(), first_row, count);
     if (grad_h.defined()) {
       at::Tensor grad_h_chunk = grad_h.narrow(0, first_row, count);
       at::mm_out(grad_h_chunk, raw_chunk, io.weight);
@@ -113,8 +104,9 @@ void run_head(const HeadIO& io, HeadWants wants) {
 
 struct CudaHeadBackend {
   using Guard = c10::cuda::CUDAGuard;
+  template <class D>
   static void compute(const HeadIO& io, HeadWants wants) {
-    AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::fused_head (CUDA)", [&] { run_head<scalar_t>(io, wants); });
+    AT_DISPATCH_FLOATING_TYPES(io.dtype, "fastvae::fused_head (CUDA)", [&] { run_head<D, scalar_t>(io, wants); });
   }
 };
 

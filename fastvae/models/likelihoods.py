@@ -11,8 +11,12 @@ A declaration says everything fastvae needs to know about one observation model:
     mean          params -> E[x|z], the image that samples and reconstructions show
     sample        (params, settings, generator) -> one draw x ~ p(x|z)
     bits_per_dim  whether training and evaluation also report bits per dimension (8-bit image likelihoods)
-    fused_head    the fused decoder head's name for it (fastvae.ops.fused_head_log_likelihood), or None
-                  when the head does not compute it: the VAE then decodes and calls log_prob
+    fused_head    the fused likelihood op log_prob calls (one of fastvae.ops.FUSED_LIKELIHOODS, e.g.
+                  "gaussian" for gaussian_learned too), whose fused decoder head the VAE then runs
+                  (fused_head_log_prob); None: the VAE decodes and calls log_prob
+    second_shift, second_min
+                  how log_prob makes the second parameter from the decoder's raw output r:
+                  max(r + second_shift, second_min) (None: unbounded); the fused head does the same
     reference     log_prob in plain PyTorch (fastvae/ops/reference.py), when log_prob is a fused op:
                   tests/test_properties.py checks every declared pair over shapes, dtypes and ranges
 
@@ -63,6 +67,8 @@ class Likelihood:
     bits_per_dim: bool = False
     fused_head: str | None = None
     reference: Callable[[tuple[Tensor, ...], Tensor, dict], Tensor] | None = None
+    second_shift: float = 0.0
+    second_min: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or self.name == AUTO:
@@ -83,6 +89,19 @@ class Likelihood:
             raise ValueError(f"likelihood {self.name!r} needs {len(self.params)} decoder outputs "
                              f"{self.params}, got {len(params)}")
         return params
+
+    def fused_head_log_prob(self, h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, settings: dict, *,
+                            precompute_grads: bool = False) -> Tensor:
+        """log_prob of the output layer (weight, bias) applied to the decoder's last hidden layer h,
+        (L, B), with the layer fused into the likelihood (fastvae.ops.fused_head_log_likelihood): the
+        same numbers, without the (L, B, *shape) decoder output. settings["gaussian_logvar"] is the
+        second parameter of a two-parameter likelihood whose layer gives only the first."""
+        if self.fused_head is None:
+            raise ValueError(f"likelihood {self.name!r} declares no fused head (fused_head=None)")
+        return ops.fused_head_log_likelihood(
+            h, weight, bias, x, self.fused_head, float(settings.get("gaussian_logvar", 0.0)),
+            second_shift=self.second_shift, second_min=self.second_min, precompute_grads=precompute_grads,
+            check_range=False)  # the trainer checked the data once (check_data)
 
     def check_data(self, x: Tensor, what: str = "the data") -> None:
         """Raise ValueError unless x is data this likelihood models."""
@@ -269,7 +288,7 @@ GAUSSIAN = register_likelihood(Likelihood(
 GAUSSIAN_LEARNED = register_likelihood(Likelihood(
     name="gaussian_learned",
     description="Gaussian with a mean and a log-variance per element from the decoder",
-    params=("mean", "logvar"), data="real", fused_head="gaussian_learned",
+    params=("mean", "logvar"), data="real", fused_head="gaussian",
     log_prob=_gaussian_learned_log_prob, mean=_first, sample=_gaussian_learned_sample,
     reference=_gaussian_learned_reference,
 ))
@@ -345,7 +364,7 @@ def _discretized_logistic_sample(params, settings, generator):
 CONTINUOUS_BERNOULLI = register_likelihood(Likelihood(
     name="continuous_bernoulli",
     description="continuous Bernoulli from logits (Loaiza-Ganem & Cunningham 2019), for grey levels in [0, 1]",
-    params=("logits",), data="unit",
+    params=("logits",), data="unit", fused_head="continuous_bernoulli",
     log_prob=_continuous_bernoulli_log_prob, mean=_continuous_bernoulli_mean, sample=_continuous_bernoulli_sample,
     reference=_continuous_bernoulli_reference,
 ))
@@ -354,7 +373,8 @@ DISCRETIZED_LOGISTIC = register_likelihood(Likelihood(
     name="discretized_logistic",
     description="discretized logistic over the 256 levels of 8-bit images (Salimans et al. 2017); "
                 "log-scale = log_scale - 3, bounded below by -7.7; pictures show its location",
-    params=("mean", "log_scale"), data="8bit", bits_per_dim=True,
+    params=("mean", "log_scale"), data="8bit", bits_per_dim=True, fused_head="discretized_logistic",
+    second_shift=LOG_SCALE_SHIFT, second_min=MIN_LOG_SCALE,
     log_prob=_discretized_logistic_log_prob, mean=_discretized_logistic_mean, sample=_discretized_logistic_sample,
     reference=_discretized_logistic_reference,
 ))

@@ -105,9 +105,9 @@ class Decoder(nn.Module):
     Fused head (optional): a decoder whose last layer is an nn.Linear may expose
     `hidden(z, condition) -> h` (N, H), the input of that layer, and `output_layer`, the layer,
     such that forward(z, condition) == self.to_output(self.output_layer(self.hidden(z, condition))).
-    When the likelihood declares a fused head (Likelihood.fused_head: bernoulli, gaussian,
-    gaussian_learned), the VAE then computes log p(x|z) from h with the fused head op (fastvae.ops.
-    fused_head_log_likelihood), never holding the (L, B, P) logits or their gradient. Setting
+    When the likelihood declares a fused head (Likelihood.fused_head: every built-in one does),
+    the VAE then computes log p(x|z) from h with the fused head op (Likelihood.fused_head_log_prob),
+    never holding the (L, B, P) logits or their gradient. Setting
     `fused_head = False` on the decoder turns that off; see fused_output_layer.
     """
 

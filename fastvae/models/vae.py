@@ -255,8 +255,8 @@ class VAE(nn.Module):
         decoder output and its gradient are never held. Any other decoder: decode, then the
         likelihood op.
         """
-        head = self.likelihood_spec.fused_head
-        layer = registry.fused_output_layer(self.decoder) if head is not None else None
+        spec = self.likelihood_spec
+        layer = registry.fused_output_layer(self.decoder) if spec.fused_head is not None else None
         if layer is None:
             decoded = self.decode(z, condition)
             return (decoded[0] if isinstance(decoded, tuple) else decoded), self.log_likelihood(decoded, x)
@@ -267,9 +267,8 @@ class VAE(nn.Module):
         h = h.reshape(*z.shape[:-1], h.shape[-1])
         # Every row's incoming gradient is the same for the averaged bounds, so the head's gradients
         # are computed in its forward; IWAE weights rows differently, so its backward recomputes.
-        rec = ops.fused_head_log_likelihood(h, layer.weight, layer.bias, x, head, self.gaussian_logvar,
-                                            precompute_grads=objectives.get(objective).rows_weighted_equally,
-                                            check_range=False)
+        rec = spec.fused_head_log_prob(h, layer.weight, layer.bias, x, self.likelihood_settings,
+                                       precompute_grads=objectives.get(objective).rows_weighted_equally)
 
         def decoded():
             out = self.decode(z, condition)

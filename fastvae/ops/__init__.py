@@ -10,8 +10,8 @@
     continuous_bernoulli_log_likelihood(logits, x)          -> log p(x|z) per row
     discretized_logistic_log_likelihood(mean, log_scale, x) -> log p(x|z) per row
     nats_to_bits_per_dim(nats, num_dims)         -> bits per dimension
-    fused_head_log_likelihood(h, weight, bias, x, likelihood) -> log p(x|z) per row from the
-                                                 decoder's last hidden layer (output layer fused in)
+    fused_head_log_likelihood(h, weight, bias, x, likelihood) -> the same from the decoder's last
+                                                 hidden layer (output layer fused in), any of FUSED_LIKELIHOODS
 
 Shapes: mu, logvar are (B, D). With num_samples=None one sample is drawn and
 z is (B, D), log_q and log_p are (B,); with num_samples=L they are (L, B, D) and
@@ -27,10 +27,11 @@ holds the argument checks the fakes and the fallback share; ._fakes registers th
 fake (meta) implementations torch.compile uses; ._priors holds the prior ops (their
 checks and fakes beside them); this file is the public API.
 
-One spelling per likelihood: a likelihood named NAME (as fastvae.models.likelihoods
-declares it, e.g. "bernoulli") is computed by the op fastvae::NAME_log_prob, by
-reference.NAME_log_prob, and offered here as NAME_log_likelihood ("log prob" of the
-distribution, "log likelihood" of the decoder's output given the data).
+One spelling per fused likelihood: NAME (e.g. "discretized_logistic") is its traits' kName in
+csrc/fastvae.h, its ops fastvae::NAME_log_prob(_backward), reference.NAME_log_prob, NAME_log_likelihood
+here ("log prob" of the distribution, "log likelihood" of the decoder's output given the data), the
+fused head's likelihood="NAME", and its declaration's name and fused_head in fastvae.models.likelihoods
+("gaussian_learned" names the op it uses, "gaussian"). One _likelihood_op line beside its function each.
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ from ._backend import (  # noqa: F401  (backend(), build_hint, source_tree, draw
     _sparse_input_linear_op,
     backend,
     build_hint,
+    check_fused_likelihoods,
     cuda_kernels_built,
     draw_seed,
     reference_likelihood_op,
     source_tree,
 )
-from ._checks import _check_int, _check_tensor
+from ._checks import _FUSED, FusedLikelihood, _check_float, _check_int, _check_tensor, _head_likelihood
 from ._priors import gaussian_kl, gaussian_log_prob, mixture_log_prob  # noqa: F401  (priors beyond N(0, I))
 
 class LatentTerms(NamedTuple):
@@ -192,13 +194,14 @@ def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _check_unit_interval(flat_x: Tensor, likelihood: str) -> None:
-    """Raise unless every x lies in [0, 1] (one pass over x; skipped while compiling or capturing a CUDA graph)."""
-    if flat_x.numel() and not torch.compiler.is_compiling() and not _capturing(flat_x):
+def _check_unit_interval(flat_x: Tensor, name: str) -> None:
+    """Raise unless x lies in [0, 1] where likelihood `name` needs it (one pass; not while compiling/capturing)."""
+    words = _FUSED[name].unit_interval
+    if words and flat_x.numel() and not torch.compiler.is_compiling() and not _capturing(flat_x):
         low, high = torch.aminmax(flat_x.detach())
         if not (0.0 <= float(low) and float(high) <= 1.0):
             raise ValueError(
-                f"fastvae: x must lie in [0, 1] for a {likelihood} likelihood, "
+                f"fastvae: x must lie in [0, 1] for a {words} likelihood, "
                 f"got values in [{float(low)}, {float(high)}]"
             )
 
@@ -221,24 +224,23 @@ def _second_param(value: Tensor | float, params: Tensor, decoder_output: Tensor,
     return None, float(value)
 
 
-def _likelihood_op(name: str, param_name: str, second_name: str | None = None):
-    """The handle of the fused likelihood op `name` (csrc/fastvae.h), with its fakes registered.
+def _likelihood_op(name: str, param_name: str, second_name: str | None = None, unit_interval: str | None = None):
+    """Declares fused likelihood `name` (csrc/fastvae.h, kName), also for the fused head, and
+    returns the handle of its op fastvae::<name>_log_prob, with its fakes registered.
 
     One parameter: op(params, x). Two: op(params, x, second, second_value), the second
     parameter a tensor shaped like params or None and one float for every element.
-    Without the extension, the same signature runs `reference.<name>`.
+    unit_interval: the words naming it when x must lie in [0, 1] ("Bernoulli"), else None.
+    Without the extension, the same signature runs `reference.<name>_log_prob`.
     """
+    _FUSED[name] = FusedLikelihood(param_name, second_name, unit_interval)
     if backend() != "cpp":
         return reference_likelihood_op(name, param_name, second_name)
     _fakes.register_likelihood_fakes(name, param_name, second_name)
-    return getattr(torch.ops.fastvae, name).default
+    return getattr(torch.ops.fastvae, f"{name}_log_prob").default
 
 
-# One line per fused likelihood: (op name, its parameter names).
-_bernoulli_op = _likelihood_op("bernoulli_log_prob", "logits")
-_gaussian_op = _likelihood_op("gaussian_log_prob", "mean", "logvar")
-_continuous_bernoulli_op = _likelihood_op("continuous_bernoulli_log_prob", "logits")
-_discretized_logistic_op = _likelihood_op("discretized_logistic_log_prob", "mean", "log_scale")
+_bernoulli_op = _likelihood_op("bernoulli", "logits", unit_interval="Bernoulli")
 
 
 def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = True) -> Tensor:
@@ -250,8 +252,11 @@ def bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = T
     """
     params, flat_x = _flatten_pair(logits, x, "logits")
     if check_range:
-        _check_unit_interval(flat_x, "Bernoulli")
+        _check_unit_interval(flat_x, "bernoulli")
     return _bernoulli_op(params, flat_x)
+
+
+_gaussian_op = _likelihood_op("gaussian", "mean", "logvar")
 
 
 def gaussian_log_likelihood(mean: Tensor, x: Tensor, logvar: Tensor | float = 0.0) -> Tensor:
@@ -262,6 +267,9 @@ def gaussian_log_likelihood(mean: Tensor, x: Tensor, logvar: Tensor | float = 0.
     """
     params, flat_x = _flatten_pair(mean, x, "mean")
     return _gaussian_op(params, flat_x, *_second_param(logvar, params, mean, "logvar"))
+
+
+_continuous_bernoulli_op = _likelihood_op("continuous_bernoulli", "logits", unit_interval="continuous Bernoulli")
 
 
 def continuous_bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_range: bool = True) -> Tensor:
@@ -277,8 +285,11 @@ def continuous_bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, check_rang
     """
     params, flat_x = _flatten_pair(logits, x, "logits")
     if check_range:
-        _check_unit_interval(flat_x, "continuous Bernoulli")
+        _check_unit_interval(flat_x, "continuous_bernoulli")
     return _continuous_bernoulli_op(params, flat_x)
+
+
+_discretized_logistic_op = _likelihood_op("discretized_logistic", "mean", "log_scale", "discretized logistic")
 
 
 def discretized_logistic_log_likelihood(
@@ -299,7 +310,7 @@ def discretized_logistic_log_likelihood(
     """
     params, flat_x = _flatten_pair(mean, x, "mean")
     if check_range:
-        _check_unit_interval(flat_x, "discretized logistic")
+        _check_unit_interval(flat_x, "discretized_logistic")
     return _discretized_logistic_op(params, flat_x, *_second_param(log_scale, params, mean, "log_scale"))
 
 
@@ -318,6 +329,11 @@ def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
 # ---------------------------------------------------------------------------
 # The fused decoder head: output layer + likelihood in one op.
 # ---------------------------------------------------------------------------
+# Every fused likelihood (one per _likelihood_op line above), each of which has the fused head.
+FUSED_LIKELIHOODS: tuple[str, ...] = tuple(_FUSED)
+check_fused_likelihoods(FUSED_LIKELIHOODS)
+
+
 def fused_head_log_likelihood(
     h: Tensor,
     weight: Tensor,
@@ -326,6 +342,8 @@ def fused_head_log_likelihood(
     likelihood: str = "bernoulli",
     logvar: float = 0.0,
     *,
+    second_shift: float = 0.0,
+    second_min: float | None = None,
     precompute_grads: bool = False,
     check_range: bool = True,
 ) -> Tensor:
@@ -333,9 +351,13 @@ def fused_head_log_likelihood(
 
     h: the decoder's last hidden layer, (B, H) or (L, B, H); weight (k*P, H) and bias (k*P,)
     (or None): its output layer, an nn.Linear's parameters; x: the data, (B, ...) with P
-    elements per example. likelihood: "bernoulli" (the layer gives logits), "gaussian" (means,
-    fixed log-variance `logvar`) or "gaussian_learned" (k = 2: P means, then P log-variances).
-    The same numbers as the likelihood functions on the layer's output, without ever holding
+    elements per example. likelihood: any of FUSED_LIKELIHOODS ("bernoulli", "gaussian",
+    "continuous_bernoulli", "discretized_logistic"); the layer gives its parameter (k = 1; a
+    two-parameter likelihood then takes `logvar` as its second parameter for every element),
+    or, for a two-parameter likelihood, P first parameters then P raw outputs r of the second
+    (k = 2, parameter-major as a decoder emits them), which is max(r + second_shift, second_min)
+    (None: unbounded); "gaussian_learned" names "gaussian" with k = 2. The same numbers as the
+    likelihood functions on the layer's output (decoded as Decoder.to_output does), without ever holding
     the (L, B, k*P) output or its gradient: rows are processed in cache-sized chunks, and the
     backward recomputes a chunk's output from the saved h. x is data: no gradient flows to it.
 
@@ -344,19 +366,21 @@ def fused_head_log_likelihood(
     row, as for a loss that averages the rows (the analytic and Monte Carlo ELBOs); one GEMM less
     than recomputing. Otherwise (IWAE's weights differ per row) the backward recomputes anyway.
     It applies on CPU in eager mode only (the check reads the incoming gradient on the host).
+    check_range=False skips the [0, 1] check of x (the likelihoods declared with unit_interval).
     """
     _check_tensor(h, "h")
     _check_tensor(x, "x")
     if x.dim() < 1:
         raise ValueError(f"fastvae: x must have a batch dimension, got shape {tuple(x.shape)}")
     flat_x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    likelihood = _head_likelihood(likelihood, weight, flat_x.shape[1], h.shape[-1])
     if flat_x.dtype != h.dtype:  # data often stays float32 while the decoder runs in bf16
         dtype = torch.promote_types(flat_x.dtype, h.dtype)
         h, weight, flat_x = h.to(dtype), weight.to(dtype), flat_x.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    if likelihood == "bernoulli" and check_range:
-        _check_unit_interval(flat_x, "Bernoulli")
-    if isinstance(logvar, bool) or not isinstance(logvar, (int, float)):
-        raise TypeError(f"fastvae: logvar must be a float, got {type(logvar).__name__}")
+    if check_range:
+        _check_unit_interval(flat_x, likelihood)
+    second_min = None if second_min is None else _check_float(second_min, "second_min")
     precompute = bool(precompute_grads) and not torch.compiler.is_compiling()
-    return _fused_head_op(h, weight, bias, flat_x, likelihood, float(logvar), precompute)
+    return _fused_head_op(h, weight, bias, flat_x, likelihood, _check_float(logvar, "logvar"), precompute,
+                          _check_float(second_shift, "second_shift"), second_min)

@@ -153,8 +153,8 @@ def _seed_scratch() -> Tensor:
 # Op handles: the registered op, or its reference fallback with the same signature.
 # ---------------------------------------------------------------------------
 def reference_likelihood_op(name: str, param_name: str, second_name: str | None):
-    """op(params, x) or op(params, x, second, second_value) computed by `reference.<name>`."""
-    reference_fn = getattr(reference, name)
+    """op(params, x) or op(params, x, second, second_value) computed by `reference.<name>_log_prob`."""
+    reference_fn = getattr(reference, f"{name}_log_prob")
 
     def reference_op(params, x, *second):
         _check_likelihood(params, x, param_name)
@@ -195,8 +195,19 @@ else:
         _check_sparse_input_linear(x, weight, bias)
         return torch.nn.functional.linear(x, weight, bias)
 
-    def _fused_head_op(h, weight, bias, x, likelihood, logvar_value=0.0, precompute_grads=False):
-        _check_head(h, weight, bias, x, likelihood)
+    def _fused_head_op(h, weight, bias, x, likelihood, logvar_value=0.0, precompute_grads=False, second_shift=0.0,
+                       second_min=None):
+        _check_head(h, weight, bias, x, likelihood, logvar_value, second_shift, second_min)
         _require(not (torch.is_grad_enabled() and x.requires_grad),
                  "fastvae: fused_head_log_prob does not differentiate with respect to x (it is the data)")
-        return reference.fused_head_log_prob(h, weight, bias, x, likelihood, logvar_value)
+        return reference.fused_head_log_prob(h, weight, bias, x, likelihood, logvar_value, second_shift, second_min)
+
+
+def check_fused_likelihoods(names: tuple[str, ...]) -> None:
+    """Raise unless the extension was built with exactly these fused likelihoods (csrc/fastvae.h)."""
+    if _BACKEND == "cpp":
+        from .._C import fused_likelihoods
+
+        if set(fused_likelihoods()) != set(names):
+            raise ImportError(f"fastvae: the extension's fused likelihoods {fused_likelihoods()} are not fastvae.ops' "
+                              f"{names}: it was built from other sources. {build_hint()}")

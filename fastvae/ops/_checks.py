@@ -8,6 +8,9 @@ message closures over tensors would break the graph.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -72,14 +75,35 @@ def _check_likelihood(params: Tensor, x: Tensor, name: str) -> None:
     )
 
 
-HEAD_LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+class FusedLikelihood(NamedTuple):
+    """What the checks, the fakes and the fused head need of one fused likelihood (csrc/fastvae.h):
+    its parameters' names (second_name None: one parameter) and, for one whose x must lie in
+    [0, 1], the words naming it in that error."""
+
+    param_name: str
+    second_name: str | None
+    unit_interval: str | None
 
 
-def _check_head(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likelihood: str) -> None:
-    _require(
-        likelihood in HEAD_LIKELIHOODS,
-        f"fastvae: likelihood must be 'bernoulli', 'gaussian' or 'gaussian_learned', got '{likelihood}'",
-    )
+# Every fused likelihood by its name, one entry per fastvae.ops._likelihood_op line (in
+# fastvae/ops/__init__.py); fastvae.ops.FUSED_LIKELIHOODS is its keys, checked against the
+# extension's list (csrc/fastvae.h, FusedLikelihoods).
+_FUSED: dict[str, FusedLikelihood] = {}
+
+
+def _fused_likelihood(name: str) -> FusedLikelihood:
+    _require(name in _FUSED, f"fastvae: likelihood must be one of {', '.join(map(repr, _FUSED))}, got '{name}'")
+    return _FUSED[name]
+
+
+def _check_head(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likelihood: str,
+                logvar_value: float = 0.0, second_shift: float = 0.0, second_min: float | None = None) -> None:
+    """The checks of csrc/head.h (prepare_head): k = weight's rows per pixel is 1, or 2 for a
+    two-parameter likelihood reading its second parameter from the layer."""
+    second_name = _fused_likelihood(likelihood).second_name
+    _require(math.isfinite(logvar_value), f"fastvae: logvar_value must be finite, got {logvar_value}")
+    _require(math.isfinite(second_shift), f"fastvae: second_shift must be finite, got {second_shift}")
+    _require(second_min is None or not math.isnan(second_min), "fastvae: second_min must be a number or None, got nan")
     _check_tensor(h, "h")
     for t, name in ((weight, "weight"), (x, "x")) + (() if bias is None else ((bias, "bias"),)):
         _check_tensor(t, name)
@@ -91,17 +115,32 @@ def _check_head(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likel
         f"fastvae: h must have shape (batch, hidden) or (num_samples, batch, hidden) with batch = {batch} "
         f"(x's first dimension), got {tuple(h.shape)}",
     )
-    k = 2 if likelihood == "gaussian_learned" else 1
-    outputs, hidden = k * x.shape[1], h.shape[-1]
-    _require(
-        weight.dim() == 2 and tuple(weight.shape) == (outputs, hidden),
-        f"fastvae: weight must have shape ({k} * num_pixels, hidden) = ({outputs}, {hidden}) for this likelihood "
-        f"and these h and x, got {tuple(weight.shape)}",
-    )
+    pixels, hidden = x.shape[1], h.shape[-1]
+    shaped = weight.dim() == 2 and weight.shape[1] == hidden
+    k = 1 if shaped and weight.shape[0] == pixels else (2 if shaped and weight.shape[0] == 2 * pixels else 0)
+    if second_name is None:
+        _require(k == 1, f"fastvae: weight must have shape (1 * num_pixels, hidden) = ({pixels}, {hidden}) for this "
+                         f"likelihood and these h and x, got {tuple(weight.shape)}")
+    _require(k > 0, f"fastvae: weight must have shape (1 * num_pixels, hidden) = ({pixels}, {hidden}) ({second_name} "
+                    f"one value) or (2 * num_pixels, hidden) = ({2 * pixels}, {hidden}) ({second_name} from the layer) "
+                    f"for this likelihood and these h and x, got {tuple(weight.shape)}")
     if bias is not None:
         _require(
-            tuple(bias.shape) == (outputs,), f"fastvae: bias must have shape ({outputs},), got {tuple(bias.shape)}"
+            tuple(bias.shape) == (k * pixels,), f"fastvae: bias must have shape ({k * pixels},), got {tuple(bias.shape)}"
         )
+
+
+def _head_likelihood(likelihood: str, weight: Tensor, pixels: int, hidden: int) -> str:
+    """The fused likelihood the head runs for `likelihood` (raises for an unknown name): itself, or
+    "gaussian" for "gaussian_learned", its name before the head took the ops' names, which needs
+    the layer's second half (weight (2 * num_pixels, hidden))."""
+    if likelihood == "gaussian_learned":
+        _require(isinstance(weight, Tensor) and tuple(weight.shape) == (2 * pixels, hidden),
+                 f"fastvae: weight must have shape (2 * num_pixels, hidden) = ({2 * pixels}, {hidden}) for this "
+                 f"likelihood and these h and x, got {tuple(getattr(weight, 'shape', ()))}")
+        return "gaussian"
+    _fused_likelihood(likelihood)
+    return likelihood
 
 
 def _check_gather_bernoulli(probs: Tensor, index: Tensor) -> None:
@@ -145,3 +184,9 @@ def _check_int(value, name: str, low: int = 0) -> int:
     if not low <= value <= _INT64_MAX:
         raise ValueError(f"fastvae: {name} must be in [{low}, 2**63 - 1], got {value}")
     return value
+
+
+def _check_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastvae: {name} must be a float, got {type(value).__name__}")
+    return float(value)

@@ -22,7 +22,7 @@ from ._checks import (
 
 
 def register_likelihood_fakes(name: str, param_name: str, second_name: str | None) -> None:
-    """Fakes of a fused likelihood op and its backward (one parameter: op(params, x); two:
+    """Fakes of fused likelihood `name`'s op and its backward (one parameter: op(params, x); two:
     op(params, x, second, second_value), the second a tensor shaped like params or None)."""
 
     def fake(params, x, *second):
@@ -37,8 +37,8 @@ def register_likelihood_fakes(name: str, param_name: str, second_name: str | Non
         grad_second = torch.empty_like(second[0]) if second[0] is not None else params.new_empty((0,))
         return torch.empty_like(params), grad_second, grad_x
 
-    torch.library.register_fake(f"fastvae::{name}")(fake)
-    torch.library.register_fake(f"fastvae::{name}_backward")(backward_fake)
+    torch.library.register_fake(f"fastvae::{name}_log_prob")(fake)
+    torch.library.register_fake(f"fastvae::{name}_log_prob_backward")(backward_fake)
 
 
 # The fakes of the ops with their own signatures (fastvae.ops registers the likelihood ops' fakes
@@ -66,21 +66,23 @@ if backend() == "cpp":
         return torch.empty_like(mu), torch.empty_like(logvar)
 
     @torch.library.register_fake("fastvae::fused_head_log_prob")
-    def _fused_head_log_prob_fake(h, weight, bias, x, likelihood, logvar_value=0.0, precompute_grads=False):
-        _check_head(h, weight, bias, x, likelihood)
+    def _fused_head_log_prob_fake(h, weight, bias, x, likelihood, logvar_value=0.0, precompute_grads=False,
+                                  second_shift=0.0, second_min=None):
+        _check_head(h, weight, bias, x, likelihood, logvar_value, second_shift, second_min)
         return h.new_empty(h.shape[:-1], dtype=_sum_dtype(h.dtype))
 
     @torch.library.register_fake("fastvae::fused_head_log_prob_with_grads")
-    def _fused_head_log_prob_with_grads_fake(h, weight, bias, x, likelihood, logvar_value):
-        _check_head(h, weight, bias, x, likelihood)
+    def _fused_head_log_prob_with_grads_fake(h, weight, bias, x, likelihood, logvar_value, second_shift=0.0,
+                                             second_min=None):
+        _check_head(h, weight, bias, x, likelihood, logvar_value, second_shift, second_min)
         grad_bias = torch.empty_like(bias) if bias is not None else h.new_empty((0,))
         log_prob = h.new_empty(h.shape[:-1], dtype=_sum_dtype(h.dtype))
         return log_prob, torch.empty_like(h), torch.empty_like(weight), grad_bias
 
     @torch.library.register_fake("fastvae::fused_head_log_prob_backward")
     def _fused_head_log_prob_backward_fake(grad, h, weight, bias, x, likelihood, logvar_value, needs_grad_h,
-                                           needs_grad_weight, needs_grad_bias):
-        _check_head(h, weight, bias, x, likelihood)
+                                           needs_grad_weight, needs_grad_bias, second_shift=0.0, second_min=None):
+        _check_head(h, weight, bias, x, likelihood, logvar_value, second_shift, second_min)
 
         def grad_like(t, needed):
             return torch.empty_like(t) if needed and t is not None else h.new_empty((0,))

@@ -13,6 +13,7 @@ extension for a given (seed, offset).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -211,21 +212,25 @@ def discretized_logistic_log_prob(
     )
     return terms.sum(-1)
 def fused_head_log_prob(h: Tensor, weight: Tensor, bias: Tensor | None, x: Tensor, likelihood: str,
-                        logvar_value: float = 0.0) -> Tensor:
-    """The fused decoder head unfused: raw = h W^T + b, then the likelihood per row.
+                        logvar_value: float = 0.0, second_shift: float = 0.0,
+                        second_min: float | None = None) -> Tensor:
+    """The fused decoder head unfused: raw = h W^T + b, then `<likelihood>_log_prob` per row.
 
-    h (L,B,H) or (B,H), weight (k*P,H), bias (k*P) or None, x (B,P); likelihood
-    "bernoulli", "gaussian" (log-variance logvar_value) or "gaussian_learned" (k = 2:
-    raw[..., :P] are means, raw[..., P:] log-variances).
+    h (L,B,H) or (B,H), weight (k*P,H), bias (k*P) or None, x (B,P). k = 1: raw is the first
+    parameter, and a two-parameter likelihood's second is logvar_value everywhere; k = 2:
+    raw[..., :P] is the first, and the second is raw[..., P:] + second_shift, clamped below
+    at second_min (None: not clamped).
     """
     dtype = _compute_dtype(h.dtype)
     raw = torch.nn.functional.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    if likelihood == "bernoulli":
-        return bernoulli_log_prob(raw, x)
-    if likelihood == "gaussian":
-        return gaussian_log_prob(raw, x, None, logvar_value)
+    log_prob = globals()[f"{likelihood}_log_prob"]
     pixels = x.shape[-1]
-    return gaussian_log_prob(raw[..., :pixels], x, raw[..., pixels:])
+    if raw.shape[-1] != pixels:  # k = 2: the second parameter from the layer
+        second = raw[..., pixels:] + second_shift
+        return log_prob(raw[..., :pixels], x, second if second_min is None else second.clamp(min=second_min))
+    if len(inspect.signature(log_prob).parameters) > 2:  # (params, x, second, second_value)
+        return log_prob(raw, x, None, logvar_value)
+    return log_prob(raw, x)
 
 
 # ---------------------------------------------------------------------------
