@@ -146,11 +146,12 @@ def table(rates: dict[str, list[float]]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's own choice)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=50, help="steps per provider per round")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile(plain)")
-    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="MNIST IDX folder (default: $FASTVAE_MNIST)")
+    parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST,
+                        help="MNIST IDX folder (default: $FASTVAE_MNIST; without either, random binary images)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
