@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per provider per round")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile(plain)")
     parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST,
-                        help="MNIST IDX folder (default: $FASTVAE_MNIST; without either, random binary images)")
+                        help="MNIST IDX folder (the default comes from $FASTVAE_MNIST; none: random binary images)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
