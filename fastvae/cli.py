@@ -483,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except USER_ERRORS as exc:
-        print(f"fastvae {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        # One write with its newline: ranks of a torchrun share stderr, and print's two writes interleave.
+        sys.stderr.write(f"fastvae {args.command}: error: {one_line(exc)}\n")
+        sys.stderr.flush()
         return 1
 
 
