@@ -12,6 +12,7 @@
 #include <string>
 #include <type_traits>
 
+#include "dispatch.h"
 #include "fastvae.h"
 
 namespace fastvae {
@@ -21,26 +22,6 @@ using at::Tensor;
 using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-// A first-order backward (grad mode off) calls the backward ops below the
-// Autograd key: nothing is recorded there anyway, and skipping the autograd
-// fallback saves microseconds that matter for small layers. With
-// create_graph=True the Autograd key stays in, so double backward reports that
-// it is not implemented instead of silently dropping the graph.
-class BelowAutogradUnlessDoubleBackward {
- public:
-  BelowAutogradUnlessDoubleBackward() {
-    if (!at::GradMode::is_enabled()) guard_.emplace();
-  }
-
- private:
-  std::optional<at::AutoDispatchBelowADInplaceOrView> guard_;
-};
 
 // Autograd hands undefined tensors for outputs that received no gradient.
 optional<Tensor> defined_or_none(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }

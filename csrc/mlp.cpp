@@ -14,6 +14,7 @@
 #include <string>
 
 #include "checks.h"
+#include "dispatch.h"
 
 namespace fastvae {
 namespace mlp {
@@ -301,11 +302,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 using MlpSig = Tensor(const Tensor&, TensorList, const Biases&, at::IntArrayRef);
 using MlpForwardSig = std::vector<Tensor>(const Tensor&, TensorList, const Biases&, at::IntArrayRef);

@@ -10,6 +10,8 @@
 #include <array>
 #include <optional>
 
+#include "dispatch.h"
+
 TORCH_LIBRARY_FRAGMENT(fastvae, m) {
   m.set_python_module("fastvae.ops._priors");
 
@@ -47,19 +49,6 @@ using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-// A first-order backward (grad mode off) runs the backward op below the Autograd key,
-// as autograd.cpp does; with create_graph=True it stays above, so a double backward is
-// reported as not implemented rather than silently dropped.
-using BelowAutograd = std::optional<at::AutoDispatchBelowADInplaceOrView>;
-void below_autograd_unless_double_backward(BelowAutograd& guard) {
-  if (!at::GradMode::is_enabled()) guard.emplace();
-}
-
 template <size_t N>
 std::array<bool, N> input_grads_needed(AutogradContext* ctx) {
   std::array<bool, N> needs{};
@@ -94,8 +83,7 @@ class GaussianKLPrior : public torch::autograd::Function<GaussianKLPrior> {
     static const auto op = find_op<KLPriorBackwardSig>("fastvae::gaussian_kl_prior_backward");
     const auto s = ctx->get_saved_variables();
     const auto needs = input_grads_needed<4>(ctx);
-    BelowAutograd guard;
-    below_autograd_unless_double_backward(guard);
+    BelowAutogradUnlessDoubleBackward guard;
     auto [a, b, c, d] = op.call(grads[0], s[0], s[1], s[2], s[3], needs);
     return wanted<4>({a, b, c, d}, needs);
   }
@@ -118,8 +106,7 @@ class GaussianLogDensity : public torch::autograd::Function<GaussianLogDensity> 
     static const auto op = find_op<LogDensityBackwardSig>("fastvae::gaussian_log_density_backward");
     const auto s = ctx->get_saved_variables();
     const auto needs = input_grads_needed<3>(ctx);
-    BelowAutograd guard;
-    below_autograd_unless_double_backward(guard);
+    BelowAutogradUnlessDoubleBackward guard;
     auto [a, b, c] = op.call(grads[0], s[0], s[1], s[2], needs);
     return wanted<3>({a, b, c}, needs);
   }
@@ -150,8 +137,7 @@ class MixtureLogProb : public torch::autograd::Function<MixtureLogProb> {
     // A log_weights of None is not an input autograd counts: asking about it would be out of range.
     std::array<bool, 4> needs{};
     for (size_t i = 0; i < (s[3].defined() ? 4 : 3); ++i) needs[i] = ctx->needs_input_grad(i);
-    BelowAutograd guard;
-    below_autograd_unless_double_backward(guard);
+    BelowAutogradUnlessDoubleBackward guard;
     const optional<Tensor> log_weights = s[3].defined() ? optional<Tensor>(s[3]) : c10::nullopt;
     auto [a, b, c, d] = op.call(grads[0], s[0], s[1], s[2], log_weights, s[4]);
     return wanted<4>({a, b, c, d}, needs);
