@@ -7,45 +7,77 @@
 //                         GEMM-shaped form cancels (csrc/priors_host.h)
 //
 // Notation: posterior N(mu, e^lv), prior N(m, e^s), r = lv - s.
-// Each element op takes its operands as an array in schema order, returns its
-// contribution to the row sum and writes its gradients (of that contribution).
+// Each element op takes its operands in schema order, returns its contribution to
+// the row sum and writes its gradients (of that contribution).
 #pragma once
+
+#include <utility>
 
 #include "fastvae.h"
 
 namespace fastvae {
 
-// e^r - 1 and e^r - 1 - r, both to the last digit. For |r| < 1/2 both come from the
-// Taylor series sum_{n>=2} r^n / n! (the truncation after n = 15 is below 1e-17
-// relative): exp(r) - 1 - r would cancel to nothing there (r = 1e-8 leaves no digit of
-// r^2/2 in float64). Outside, exp(r) - 1 loses at most two bits. Branch-free (both
-// forms are computed) so that the CPU loops vectorize.
+// e^r - 1 and e^r - 1 - r, both to the last digit: exp(r) - 1 - r would cancel to
+// nothing for small r (r = 1e-8 leaves no digit of r^2/2 in float64).
 template <typename T>
 struct ExpMinusOne {
   T em1;          // e^r - 1
   T em1_minus_r;  // e^r - 1 - r
 };
 
-template <typename T>
-FASTVAE_FN ExpMinusOne<T> exp_minus_one(T r) {
-  T p = T(1.0 / 1307674368000.0);  // 1/15!
-  p = p * r + T(1.0 / 87178291200.0);
-  p = p * r + T(1.0 / 6227020800.0);
-  p = p * r + T(1.0 / 479001600.0);
-  p = p * r + T(1.0 / 39916800.0);
-  p = p * r + T(1.0 / 3628800.0);
-  p = p * r + T(1.0 / 362880.0);
-  p = p * r + T(1.0 / 40320.0);
-  p = p * r + T(1.0 / 5040.0);
-  p = p * r + T(1.0 / 720.0);
-  p = p * r + T(1.0 / 120.0);
-  p = p * r + T(1.0 / 24.0);
-  p = p * r + T(1.0 / 6.0);
-  p = p * r + T(0.5);
-  const T series = r * r * p;
-  const T direct = exp_of(r) - T(1);
-  const bool small = r < T(0.5) && r > T(-0.5);
+// float64: for |r| < 1/2 both come from the Taylor series sum_{n>=2} r^n / n! (the
+// truncation after n = 15 is below 1e-17 relative); outside, exp(r) - 1 loses at
+// most two bits. Branch-free (both forms are computed) so that the loops vectorize.
+FASTVAE_FN ExpMinusOne<double> exp_minus_one(double r) {
+  double p = 1.0 / 1307674368000.0;  // sum_{n>=2} r^(n-2) / n!, by Horner from 1/15!
+  p = p * r + 1.0 / 87178291200.0;
+  p = p * r + 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  const double series = r * r * p;
+  const double direct = exp_of(r) - 1.0;
+  const bool small = r < 0.5 && r > -0.5;
   return {small ? r + series : direct, small ? series : direct - r};
+}
+
+// float32: one range-reduced evaluation gives both (an exp and the series cost twice as much).
+// r = k ln2 + f with |f| <= ln2/2 (as exp_poly in fastvae.h); e^f - 1 = f + f^2 q(f),
+// q the series above to n = 8 (truncation below 1e-9 relative at |f| = ln2/2). For
+// k = 0, that is |r| < ln2/2, r = f and e^r - 1 - r = f^2 q(f) exactly as the series
+// gives it; otherwise e^r - 1 = 2^k (e^f - 1) + (2^k - 1), and e^r - 1 - r, subtracted
+// from it, loses at most three bits. r is clamped to [-87, 88], where 2^k is a normal
+// float: a log-variance ratio beyond e^88 is reported as e^88.
+FASTVAE_FN ExpMinusOne<float> exp_minus_one(float r) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693145751953125f;  // ln2 split so that k*kLn2Hi is exact
+  const float kLn2Lo = 1.428606765330187045e-06f;
+  const float kRoundMagic = 12582912.0f;    // 1.5 * 2^23: adding it rounds to an integer
+  float rc = r > 88.0f ? 88.0f : r;
+  rc = rc < -87.0f ? -87.0f : rc;
+  const float shifted = rc * kLog2e + kRoundMagic;
+  const int32_t k = static_cast<int32_t>(float_to_bits(shifted) - float_to_bits(kRoundMagic));
+  const float kf = shifted - kRoundMagic;
+  const float f = (rc - kf * kLn2Hi) - kf * kLn2Lo;
+  float q = 1.0f / 40320.0f;  // 1/8!
+  q = q * f + 1.0f / 5040.0f;
+  q = q * f + 1.0f / 720.0f;
+  q = q * f + 1.0f / 120.0f;
+  q = q * f + 1.0f / 24.0f;
+  q = q * f + 1.0f / 6.0f;
+  q = q * f + 0.5f;
+  const float f_tail = f * f * q;  // e^f - 1 - f
+  const float scale = bits_to_float(static_cast<uint32_t>(k + 127) << 23);  // 2^k
+  const float em1 = scale * (f + f_tail) + (scale - 1.0f);
+  return {em1, k == 0 ? f_tail : em1 - r};
 }
 
 // KL(N(mu, e^lv) || N(m, e^s)) per dimension:
@@ -53,6 +85,9 @@ FASTVAE_FN ExpMinusOne<T> exp_minus_one(T r) {
 //   d/dmu = (mu - m) e^-s        d/dlv = 0.5 (e^r - 1)
 //   d/dm  = -(mu - m) e^-s       d/ds  = -0.5 ((e^r - 1) + (mu - m)^2 e^-s)
 // With m = 0, s = 0 this is the standard-normal KL of latent_terms.
+// Element ops take their operands as scalars, in schema order, and write their
+// gradients through references: no per-element array, which GCC's vectorizer does
+// not see through (the loops over d stayed scalar, with the selects as branches).
 struct PriorKLElement {
   static constexpr int kOperands = 4;  // mu, logvar, prior_mu, prior_logvar
   template <typename T>
@@ -60,19 +95,20 @@ struct PriorKLElement {
     return T(0);
   }
   template <typename T>
-  static FASTVAE_FN T value(const T* v) {
-    const T diff = v[0] - v[2];
-    return T(0.5) * (exp_minus_one(v[1] - v[3]).em1_minus_r + diff * diff * exp_of(-v[3]));
+  static FASTVAE_FN T value(T mu, T logvar, T prior_mu, T prior_logvar) {
+    const T diff = mu - prior_mu;
+    return T(0.5) * (exp_minus_one(logvar - prior_logvar).em1_minus_r + diff * diff * exp_of(-prior_logvar));
   }
   template <typename T>
-  static FASTVAE_FN void grads(const T* v, T* g) {
-    const T diff = v[0] - v[2];
-    const T scaled = diff * exp_of(-v[3]);
-    const T em1 = exp_minus_one(v[1] - v[3]).em1;
-    g[0] = scaled;
-    g[1] = T(0.5) * em1;
-    g[2] = -scaled;
-    g[3] = T(-0.5) * (em1 + diff * scaled);
+  static FASTVAE_FN void grads(T mu, T logvar, T prior_mu, T prior_logvar, T& d_mu, T& d_logvar, T& d_prior_mu,
+                               T& d_prior_logvar) {
+    const T diff = mu - prior_mu;
+    const T scaled = diff * exp_of(-prior_logvar);
+    const T em1 = exp_minus_one(logvar - prior_logvar).em1;
+    d_mu = scaled;
+    d_logvar = T(0.5) * em1;
+    d_prior_mu = -scaled;
+    d_prior_logvar = T(-0.5) * (em1 + diff * scaled);
   }
 };
 
@@ -85,19 +121,38 @@ struct GaussianLogDensityElement {
     return T(-0.5 * kLog2Pi) * static_cast<T>(dim);
   }
   template <typename T>
-  static FASTVAE_FN T value(const T* v) {
-    const T diff = v[0] - v[1];
-    return T(-0.5) * (diff * diff * exp_of(-v[2]) + v[2]);
+  static FASTVAE_FN T value(T z, T mu, T logvar) {
+    const T diff = z - mu;
+    return T(-0.5) * (diff * diff * exp_of(-logvar) + logvar);
   }
   template <typename T>
-  static FASTVAE_FN void grads(const T* v, T* g) {
-    const T diff = v[0] - v[1];
-    const T scaled = diff * exp_of(-v[2]);
-    g[0] = -scaled;
-    g[1] = scaled;
-    g[2] = T(0.5) * (diff * scaled - T(1));
+  static FASTVAE_FN void grads(T z, T mu, T logvar, T& d_z, T& d_mu, T& d_logvar) {
+    const T diff = z - mu;
+    const T scaled = diff * exp_of(-logvar);
+    d_z = -scaled;
+    d_mu = scaled;
+    d_logvar = T(0.5) * (diff * scaled - T(1));
   }
 };
+
+// E::value and E::grads of element d of each operand's row (row[i] points at operand
+// i's row); the gradients go to out[i][o].
+template <class E, typename T, size_t... I>
+FASTVAE_FN T element_value_of(const T* const* row, int64_t d, std::index_sequence<I...>) {
+  return E::value(row[I][d]...);
+}
+template <class E, typename T>
+FASTVAE_FN T element_value(const T* const* row, int64_t d) {
+  return element_value_of<E>(row, d, std::make_index_sequence<E::kOperands>{});
+}
+template <class E, typename T, size_t... I>
+FASTVAE_FN void element_grads_of(const T* const* row, int64_t d, T* const* out, int64_t o, std::index_sequence<I...>) {
+  E::grads(row[I][d]..., out[I][o]...);
+}
+template <class E, typename T>
+FASTVAE_FN void element_grads(const T* const* row, int64_t d, T* const* out, int64_t o) {
+  element_grads_of<E>(row, d, out, o, std::make_index_sequence<E::kOperands>{});
+}
 
 // The row-broadcast layout of both element ops (csrc/priors_host.h): every operand is
 // contiguous (rows_i, dim), and output row r reads operand i's row r % rows_i. A

@@ -160,9 +160,15 @@ std::vector<at::Tensor> row_broadcast_backward(const at::Tensor& grad, at::Tenso
   TORCH_CHECK(grad.sizes() == at::IntArrayRef(b.out_shape), "fastvae: grad must have the result's shape ",
               at::IntArrayRef(b.out_shape), ", got ", grad.sizes());
   const at::Tensor grad_rows = grad.contiguous();
+  // Each backward pass writes every element of the gradients it computes (the first
+  // result row reading an element sets it), so they need no zero fill, unless there are
+  // no result rows to read them.
   std::vector<at::Tensor> grads(N);
   for (int i = 0; i < N; ++i) {
-    if (needs_grad[i]) grads[i] = at::zeros({b.operands[i].rows, b.dim}, ts[0].options());
+    if (needs_grad[i]) {
+      const std::vector<int64_t> shape{b.operands[i].rows, b.dim};
+      grads[i] = b.rows > 0 ? at::empty(shape, ts[0].options()) : at::zeros(shape, ts[0].options());
+    }
   }
   AT_DISPATCH_FLOATING_TYPES(ts[0].scalar_type(), "fastvae::row_broadcast_backward", [&] {
     std::vector<int64_t> done;

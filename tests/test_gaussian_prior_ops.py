@@ -232,6 +232,32 @@ def test_float32_agrees_with_float64(device):
                                fastvae.gaussian_log_prob(*args64[:3]), rtol=1e-5, atol=1e-4)
 
 
+def log_variance_ratios():
+    """r = logvar - prior_logvar from -30 to 30, densely around 0 and around +-ln2/2 (where the
+    float32 kernel's range reduction changes from k = 0 to k = +-1), as float32 values."""
+    tiny = torch.logspace(-10, 0, 2001, dtype=torch.float64)
+    edges = 0.5 * torch.log(torch.tensor(2.0, dtype=torch.float64)) + torch.linspace(-1e-3, 1e-3, 2001,
+                                                                                       dtype=torch.float64)
+    r = torch.cat([torch.linspace(-30, 30, 60001, dtype=torch.float64), tiny, -tiny, edges, -edges])
+    r = r.float().double()
+    return r[r != 0]  # the relative error of a zero KL is not defined
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_kl_keeps_its_digits_for_close_variances(device):
+    # 0.5 (e^r - 1 - r) in float32 from its float64 value at the same (float32) r: a kernel that
+    # formed e^r - 1 - r by subtraction would lose every digit for small r (r = 1e-4: 5e-9 out of 1).
+    r = log_variance_ratios().to(device)[:, None]
+    zeros = torch.zeros_like(r)
+    want = fastvae.gaussian_kl(zeros, r, zeros, zeros)
+    logvar = r.float().requires_grad_()
+    got = fastvae.gaussian_kl(zeros.float(), logvar, zeros.float(), zeros.float())
+    assert ((got.double() - want).abs() / want).max().item() < 16 * 2.0 ** -24
+    (grad,) = torch.autograd.grad(got.sum(), logvar)
+    want_grad = 0.5 * torch.expm1(r)  # d/dlogvar = 0.5 (e^r - 1)
+    assert ((grad.double() - want_grad).abs() / want_grad.abs()).max().item() < 16 * 2.0 ** -24
+
+
 # ---------------------------------------------------------------------------
 # Empty inputs and bad inputs
 # ---------------------------------------------------------------------------

@@ -30,15 +30,11 @@ __attribute__((always_inline)) inline void forward_rows(const RowBroadcastArgs<T
   const int64_t D = a.dim;
   const T constant = E::template row_constant<T>(D);
   for (int64_t r = begin; r < end; ++r) {
-    const T* in[N];
-    for (int i = 0; i < N; ++i) in[i] = a.in[i] + (r % a.in_rows[i]) * D;
+    const T* row[N];
+    for (int i = 0; i < N; ++i) row[i] = a.in[i] + (r % a.in_rows[i]) * D;
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) {
-      T v[N];
-      for (int i = 0; i < N; ++i) v[i] = in[i][d];
-      sum += E::value(v);
-    }
+    for (int64_t d = 0; d < D; ++d) sum += element_value<E>(row, d);
     a.out[r] = sum + constant;
   }
 }
@@ -50,26 +46,28 @@ __attribute__((always_inline)) inline void backward_rows(const RowBroadcastArgs<
   constexpr int N = E::kOperands;
   const int64_t D = a.dim, repeats = a.rows / a.pass_rows;
   T chunk[N][kPriorChunk];
+  T* chunk_rows[N];
+  for (int i = 0; i < N; ++i) chunk_rows[i] = chunk[i];
   for (int64_t j = begin; j < end; ++j) {
     for (int64_t t = 0; t < repeats; ++t) {
       const int64_t r = t * a.pass_rows + j;
       const T g = a.grad[r];
-      const T* in[N];
-      for (int i = 0; i < N; ++i) in[i] = a.in[i] + (r % a.in_rows[i]) * D;
+      const T* row[N];
+      for (int i = 0; i < N; ++i) row[i] = a.in[i] + (r % a.in_rows[i]) * D;
       for (int64_t c = 0; c < D; c += kPriorChunk) {
         const int64_t count = std::min(kPriorChunk, D - c);
 #pragma omp simd
-        for (int64_t d = 0; d < count; ++d) {
-          T v[N], gr[N];
-          for (int i = 0; i < N; ++i) v[i] = in[i][c + d];
-          E::grads(v, gr);
-          for (int i = 0; i < N; ++i) chunk[i][d] = gr[i];
-        }
+        for (int64_t d = 0; d < count; ++d) element_grads<E>(row, c + d, chunk_rows, d);
         for (int i = 0; i < N; ++i) {
           if (a.grad_in[i] == nullptr) continue;
           T* out = a.grad_in[i] + j * D + c;
+          if (t == 0) {  // the first result row reading operand row j: the gradient is not allocated zero
 #pragma omp simd
-          for (int64_t d = 0; d < count; ++d) out[d] += g * chunk[i][d];
+            for (int64_t d = 0; d < count; ++d) out[d] = g * chunk[i][d];
+          } else {
+#pragma omp simd
+            for (int64_t d = 0; d < count; ++d) out[d] += g * chunk[i][d];
+          }
         }
       }
     }

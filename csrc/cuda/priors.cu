@@ -37,11 +37,9 @@ __global__ void __launch_bounds__(kThreads) row_broadcast_forward_kernel(const R
   const int64_t warps = kThreads / kWarp, D = a.dim;
   for (int64_t r = blockIdx.x * warps + threadIdx.x / kWarp; r < a.rows; r += int64_t(gridDim.x) * warps) {
     T sum = T(0);
-    for (int64_t d = lane; d < D; d += kWarp) {
-      T v[N];
-      for (int i = 0; i < N; ++i) v[i] = a.in[i][(r % a.in_rows[i]) * D + d];
-      sum += E::value(v);
-    }
+    const T* row[N];
+    for (int i = 0; i < N; ++i) row[i] = a.in[i] + (r % a.in_rows[i]) * D;
+    for (int64_t d = lane; d < D; d += kWarp) sum += element_value<E>(row, d);
     for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
     if (lane == 0) a.out[r] = sum + E::template row_constant<T>(D);
   }
@@ -58,9 +56,14 @@ __global__ void __launch_bounds__(kThreads) row_broadcast_backward_kernel(const 
     for (int i = 0; i < N; ++i) acc[i] = T(0);
     for (int64_t t = 0; t < repeats; ++t) {
       const int64_t r = t * a.pass_rows + j;
-      T v[N], g[N];
-      for (int i = 0; i < N; ++i) v[i] = a.in[i][(r % a.in_rows[i]) * D + d];
-      E::grads(v, g);
+      const T* row[N];
+      T g[N];
+      T* g_out[N];
+      for (int i = 0; i < N; ++i) {
+        row[i] = a.in[i] + (r % a.in_rows[i]) * D;
+        g_out[i] = g + i;
+      }
+      element_grads<E>(row, d, g_out, 0);
       const T incoming = a.grad[r];
       for (int i = 0; i < N; ++i) acc[i] += incoming * g[i];
     }
