@@ -46,6 +46,12 @@ def cmd_info(args) -> int:
 
     print(machine_description())
     print(f"python {platform.python_version()}")
+    # The fast paths fastvae.VAE takes by default here, for the MNIST model of the README.
+    from . import tuning
+
+    hidden = {"hidden": (200, 200)}
+    for line in tuning.describe(tuning.mlp_shape((784,), 50, "bernoulli", 0, hidden, hidden)):
+        print(line)
     return 0
 
 

@@ -14,7 +14,6 @@ compiled extension and under torch.autocast, whose per-op casts the fused op wou
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -26,21 +25,6 @@ from .ops._mlp import ACTIVATION_CODES, mlp_op
 # The activation modules the fused op computes, by their names in ACTIVATION_CODES.
 ACTIVATION_MODULES = {nn.Identity: "identity", nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
 _MODULE_OF = {name: module for module, name in ACTIVATION_MODULES.items()}
-
-# The environment variable that turns the fused stack on in the built-in mlp architecture.
-FUSED_MLP_ENV = "FASTVAE_FUSED_MLP"
-
-
-def fused_mlp_default() -> bool:
-    """Whether the mlp architecture fuses its stacks when not told: FASTVAE_FUSED_MLP=1 (default 0).
-
-    Off by default: a default changes only where it measures faster on that CPU.
-    """
-    value = os.environ.get(FUSED_MLP_ENV, "0").strip()
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{FUSED_MLP_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
-
 
 def _describe(name: str, module: nn.Module) -> str:
     return f"module {name} ({module!r})"

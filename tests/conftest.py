@@ -14,7 +14,11 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fastvae.models import likelihoods, objectives, priors, registry
+# The fast paths of fastvae.VAE's mlp networks by the CPU's rules, not a calibration
+# (fastvae/tuning.py): the same paths in every test and every subprocess, and no timing in tests.
+os.environ["FASTVAE_TUNING"] = "rules"
+
+from fastvae.models import likelihoods, objectives, priors, registry  # noqa: E402
 
 # deadline=None: the first call of an op shape can be slow on a loaded machine (allocation,
 # thread start-up); a timing limit would fail correct code.

@@ -417,7 +417,7 @@ def test_mlp_decoder_without_hidden_layers_and_a_bad_switch():
     a = fused_model(x, num_samples=2, generator=torch.Generator().manual_seed(1)).elbo
     b = plain_model(x, num_samples=2, generator=torch.Generator().manual_seed(1)).elbo
     torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="fused_head must be True or False"):
+    with pytest.raises(ValueError, match="fused_head must be True, False or None"):
         VAE((4,), 2, "mlp", decoder_config={"fused_head": "yes"})
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastvae
+from fastvae import tuning
 from fastvae.nn import FusedMLP, FusedStack
 from fastvae.ops._mlp import ACTIVATION_CODES
 
@@ -450,7 +451,7 @@ def test_fused_mlp_environment_variable(monkeypatch):
     monkeypatch.setenv("FASTVAE_FUSED_MLP", "0")
     model = VAE((8,), 2, "mlp", encoder_config={"hidden": [6]}, decoder_config={"hidden": [6]})
     assert not isinstance(model.encoder.net, FusedMLP) and not model.decoder.fused_mlp
-    assert model.encoder.sparse_input
+    assert model.encoder.sparse_input == tuning.rule("sparse_input").value  # the CPU's rule (tests/conftest.py)
     model = VAE((8,), 2, "mlp", encoder_config={"fused_mlp": True})
     assert isinstance(model.encoder.net, FusedMLP)
     monkeypatch.setenv("FASTVAE_FUSED_MLP", "yes")

@@ -179,7 +179,7 @@ def test_mlp_encoder_gives_the_dense_numbers():
     for got, want in zip(*outputs):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert list(encoder.state_dict()) == [f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
-    with pytest.raises(ValueError, match="sparse_input must be True or False"):
+    with pytest.raises(ValueError, match="sparse_input must be True, False or None"):
         MLPEncoder((784,), 10, sparse_input="yes")
 
 

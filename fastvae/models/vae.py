@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import likelihoods, objectives, priors, registry
-from .. import ops
+from .. import ops, tuning
 from ..io.data import one_hot
 
 
@@ -103,14 +103,21 @@ class VAE(nn.Module):
         self.condition_dim = condition_dim
         self.gaussian_logvar = float(gaussian_logvar)
         common = {"latent_dim": latent_dim, "condition_dim": condition_dim}
+        built_encoder_config, built_decoder_config = encoder_config, decoder_config
+        if encoder == "mlp" and decoder == "mlp":
+            # The optional fast paths the configs leave unset: those that are faster on this CPU.
+            shape = tuning.mlp_shape(input_shape, latent_dim, likelihood, condition_dim, encoder_config,
+                                     decoder_config)
+            built_encoder_config, built_decoder_config = tuning.fill_mlp_configs(shape, encoder_config,
+                                                                                 decoder_config)
         self.encoder = (
-            registry.build_encoder(encoder, input_shape=input_shape, **common, **(encoder_config or {}))
+            registry.build_encoder(encoder, input_shape=input_shape, **common, **(built_encoder_config or {}))
             if isinstance(encoder, str)
             else encoder
         )
         self.decoder = (
             registry.build_decoder(
-                decoder, output_shape=input_shape, likelihood=likelihood, **common, **(decoder_config or {})
+                decoder, output_shape=input_shape, likelihood=likelihood, **common, **(built_decoder_config or {})
             )
             if isinstance(decoder, str)
             else decoder

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -27,7 +28,7 @@ from ..errors import UserError
 from ..io import data as data_lib
 from . import distributed, runlock
 from ..models import likelihoods
-from .. import ops
+from .. import ops, tuning
 from .callbacks import Callback, TensorBoardLogger
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import OPTIMIZERS, TrainConfig
@@ -100,7 +101,11 @@ class Trainer:
         if model is None:
             # The initial weights come from the seed on a forked generator: the caller's global
             # RNG state is left as it was, and the same seed still gives the same weights.
-            with torch.random.fork_rng(devices=[]):
+            # The CPU calibration of fastvae/tuning.py says nothing about another device, and torchrun's
+            # processes, timing at once, could each decide differently: the rules decide there.
+            calibrate = self.device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+            tuned = contextlib.nullcontext() if calibrate else tuning.rules_only()
+            with torch.random.fork_rng(devices=[]), tuned:
                 torch.manual_seed(config.seed)
                 model = (HierarchicalVAE if config.stochastic_layers > 1 else VAE)(
                     train_set.shape, config.latent_dim, config.encoder, config.decoder, config.likelihood,

@@ -10,8 +10,8 @@ import math
 
 from torch import Tensor, nn
 
-from ... import ops
-from ...nn import FusedMLP, FusedStack, fused_mlp_default
+from ... import ops, tuning
+from ...nn import FusedMLP, FusedStack
 from ..registry import Decoder, Encoder, register_decoder, register_encoder
 
 from ._common import check_widths, make_activation, with_condition
@@ -27,13 +27,15 @@ def _mlp(in_features: int, hidden: tuple[int, ...], out_features: int, activatio
     return nn.Sequential(*layers)
 
 
-def _fused_choice(fused_mlp) -> bool:
-    """fused_mlp as given, or FASTVAE_FUSED_MLP's choice (default off) for None."""
-    if fused_mlp is None:
-        return fused_mlp_default()
-    if not isinstance(fused_mlp, bool):
-        raise ValueError(f"fused_mlp must be True, False or None (FASTVAE_FUSED_MLP decides), got {fused_mlp!r}")
-    return fused_mlp
+def _choice(name: str, value) -> bool:
+    """A fast-path switch as given, or for None the rule for this CPU (fastvae/tuning.py; its
+    environment variable forces it). fastvae.VAE decides the None ones by calibration before."""
+    if value is None:
+        return tuning.rule(name).value
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None ({tuning.CHOICES[name].env} or the CPU's rule "
+                         f"decides), got {value!r}")
+    return value
 
 
 @register_encoder("mlp")
@@ -43,19 +45,19 @@ class MLPEncoder(Encoder):
     sparse_input: the first layer runs fastvae.sparse_input_linear, which works from the
     nonzeros of the input (binarized images are mostly zeros) and falls back to the dense
     product for dense inputs. Same numbers as nn.Linear up to float rounding; same state dict.
-    fused_mlp: the whole stack runs as one op (fastvae.nn.FusedMLP), its first layer dense;
-    None: FASTVAE_FUSED_MLP=1 turns it on (default off). sparse_input=None: on unless fused.
+    fused_mlp: the whole stack runs as one op (fastvae.nn.FusedMLP), its first layer dense.
+    None for either: as fastvae/tuning.py decides for this CPU (fastvae.VAE calibrates it;
+    FASTVAE_SPARSE_INPUT / FASTVAE_FUSED_MLP force it); sparse_input is off when fused.
     """
 
     def __init__(self, input_shape, latent_dim, condition_dim=0, hidden=(500,), activation="tanh",
                  sparse_input=None, fused_mlp=None):
         super().__init__(input_shape, latent_dim, condition_dim)
         hidden = check_widths("hidden", hidden)
-        self.fused_mlp = _fused_choice(fused_mlp)
+        self.fused_mlp = _choice("fused_mlp", fused_mlp)
         if sparse_input is None:
-            sparse_input = not self.fused_mlp
-        if not isinstance(sparse_input, bool):
-            raise ValueError(f"sparse_input must be True or False, got {sparse_input!r}")
+            sparse_input = not self.fused_mlp and _choice("sparse_input", None)
+        sparse_input = _choice("sparse_input", sparse_input)
         if sparse_input and self.fused_mlp:
             raise ValueError("sparse_input=True and the fused stack (fused_mlp=True or FASTVAE_FUSED_MLP=1) exclude "
                              "each other: the fused stack computes the first layer dense; turn one of them off")
@@ -84,30 +86,31 @@ class MLPDecoder(Decoder):
     """Fully connected decoder (Kingma & Welling 2014); reshapes to any output shape.
 
     Takes the fused head (registry.Decoder): its last layer is linear. fused_head=False makes
-    the VAE run the plain forward and the likelihood op instead (same numbers, more memory).
+    the VAE run the plain forward and the likelihood op instead (same numbers up to float
+    rounding, more memory).
     recompute_hidden (with two hidden layers or more): autograd keeps only z and the last
     hidden layer; the backward recomputes the others (fastvae/models/architectures/_recompute.py).
     Same numbers; for IWAE's k x B rows it saves (len(hidden) - 1) activations of (k*B, width).
     It applies when that saves at least 1 MiB (RECOMPUTE_MIN_BYTES), where it pays for its pass.
     fused_mlp: the hidden layers (and, without the fused head, the output layer) run as one op
-    (fastvae.nn.FusedStack) wherever recompute_hidden does not apply; None: FASTVAE_FUSED_MLP=1
-    turns it on (default off). Same numbers and state dict either way.
+    (fastvae.nn.FusedStack) wherever recompute_hidden does not apply. Same state dict either way.
+    None for fused_head or fused_mlp: as fastvae/tuning.py decides for this CPU (fastvae.VAE
+    calibrates it; FASTVAE_FUSED_HEAD / FASTVAE_FUSED_MLP force it).
     """
 
     def __init__(self, output_shape, latent_dim, condition_dim=0, likelihood="bernoulli", hidden=(500,),
-                 activation="tanh", fused_head=True, recompute_hidden=True, fused_mlp=None):
+                 activation="tanh", fused_head=None, recompute_hidden=True, fused_mlp=None):
         super().__init__(output_shape, latent_dim, condition_dim, likelihood)
         hidden = check_widths("hidden", hidden)
-        for name, value in (("fused_head", fused_head), ("recompute_hidden", recompute_hidden)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
-        self.fused_head = fused_head
+        if not isinstance(recompute_hidden, bool):
+            raise ValueError(f"recompute_hidden must be True or False, got {recompute_hidden!r}")
+        self.fused_head = _choice("fused_head", fused_head)
         self.recompute_hidden = recompute_hidden
         self.net = _mlp(latent_dim + condition_dim, hidden, self.params_per_element * self.output_numel, activation)
         # The layers before the output layer, as a plain list: registered once, as net.<i>, and
         # not re-sliced (slicing an nn.Sequential builds a module) at every call of hidden().
         self._hidden_layers = list(self.net)[:-1]
-        self.fused_mlp = _fused_choice(fused_mlp)
+        self.fused_mlp = _choice("fused_mlp", fused_mlp)
         named = list(self.net._modules.items())
         self._fused_net = FusedStack(named) if self.fused_mlp else None
         self._fused_hidden = FusedStack(named[:-1]) if self.fused_mlp and hidden else None

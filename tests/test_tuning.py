@@ -1,0 +1,167 @@
+"""The defaults chosen per CPU (fastvae/tuning.py): environment variables force each fast path,
+the calibration keeps a path only where it measured faster, its results are cached per machine
+and shape, explicit configs win, and `fastvae info` says what was chosen.
+
+The calibration's timings are replaced by given numbers (no timing in tests); one test runs the
+real calibration on a tiny model to check that it builds and times the variants it names.
+"""
+
+import json
+
+import pytest
+
+from fastvae import VAE, tuning
+from fastvae.cli import main
+
+SHAPE = tuning.mlp_shape((12,), 3, "bernoulli", 0, {"hidden": [8]}, {"hidden": [8]})
+
+
+@pytest.fixture
+def calibrating(tmp_path, monkeypatch):
+    """Calibration on (tests/conftest.py turns it off), a private cache, no choice forced."""
+    monkeypatch.setenv("FASTVAE_TUNING", "calibrate")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for choice in tuning.CHOICES.values():
+        monkeypatch.delenv(choice.env, raising=False)
+    monkeypatch.setattr(tuning, "_memory", {})
+    return tmp_path
+
+
+def fake_timings(monkeypatch, speedups, calls=None):
+    """Every variant's step takes 1 s divided by the speed-up of each path it takes."""
+    def measure(variants):
+        if calls is not None:
+            calls.append(variants)
+        seconds = {}
+        for name, choices in variants.items():
+            t = 1.0
+            for choice, on in choices.items():
+                if on:
+                    t /= speedups[choice]
+            seconds[name] = t
+        return seconds
+
+    real = tuning.calibrate
+    monkeypatch.setattr(tuning, "calibrate", lambda shape: real(shape, measure))
+
+
+def build(**configs):
+    return VAE((12,), 3, "mlp", encoder_config={"hidden": [8], **configs.get("enc", {})},
+               decoder_config={"hidden": [8], **configs.get("dec", {})})
+
+
+def test_a_path_is_kept_only_where_it_is_faster_by_the_margin(calibrating, monkeypatch):
+    fake_timings(monkeypatch, {"sparse_input": 0.8, "fused_head": 1.2, "fused_mlp": 1.01})
+    model = build()
+    assert not model.encoder.sparse_input  # slower
+    assert model.decoder.fused_head        # 1.2x
+    assert not model.decoder.fused_mlp     # 1.01x is inside the noise margin
+    assert not model.encoder.fused_mlp
+
+
+def test_the_fused_stack_replaces_the_sparse_first_layer_when_it_wins(calibrating, monkeypatch):
+    fake_timings(monkeypatch, {"sparse_input": 1.5, "fused_head": 1.5, "fused_mlp": 1.5})
+    model = build()
+    assert model.encoder.fused_mlp and not model.encoder.sparse_input and model.decoder.fused_head
+
+
+def test_each_path_is_tried_on_top_of_the_ones_kept(calibrating):
+    calls = []
+    tuning.calibrate(SHAPE, lambda variants: calls.append(variants) or {"without": 2.0, "with": 1.0})
+    assert [c["with"] for c in calls] == [
+        {"sparse_input": True, "fused_head": False, "fused_mlp": False},
+        {"sparse_input": True, "fused_head": True, "fused_mlp": False},
+        {"sparse_input": True, "fused_head": True, "fused_mlp": True},
+    ]
+
+
+def test_results_are_cached_per_machine_and_shape(calibrating, monkeypatch):
+    calls = []
+    fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 2.0, "fused_mlp": 0.5}, calls)
+    build()
+    assert len(calls) == 3
+    monkeypatch.setattr(tuning, "_memory", {})  # a new process: only the file remains
+    build()
+    assert len(calls) == 3
+    (entry,) = json.loads((calibrating / "fastvae" / "tuning.json").read_text()).values()
+    assert entry["choices"]["sparse_input"] == {"value": True, "ratio": 2.0}
+    VAE((12,), 3, "mlp", encoder_config={"hidden": [9]}, decoder_config={"hidden": [8]})  # another shape
+    assert len(calls) == 6
+
+
+def test_a_damaged_cache_is_calibrated_again(calibrating, monkeypatch):
+    (calibrating / "fastvae").mkdir()
+    (calibrating / "fastvae" / "tuning.json").write_text("{not json")
+    calls = []
+    fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 2.0, "fused_mlp": 0.5}, calls)
+    assert build().encoder.sparse_input and len(calls) == 3
+
+
+@pytest.mark.parametrize("env, value", [("1", True), ("0", False)])
+def test_environment_variables_force_each_path(calibrating, monkeypatch, env, value):
+    fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 0.5, "fused_mlp": 0.5})
+    monkeypatch.setenv("FASTVAE_FUSED_HEAD", env)
+    assert build().decoder.fused_head is value
+    monkeypatch.setenv("FASTVAE_SPARSE_INPUT", env)
+    assert build().encoder.sparse_input is value
+
+
+def test_explicit_configs_win(calibrating, monkeypatch):
+    fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 2.0, "fused_mlp": 0.5})
+    monkeypatch.setenv("FASTVAE_FUSED_HEAD", "1")
+    model = build(enc={"sparse_input": False}, dec={"fused_head": False})
+    assert not model.encoder.sparse_input and not model.decoder.fused_head
+    assert model.config["encoder_config"] == {"hidden": [8], "sparse_input": False}  # the user's config, as given
+
+
+def test_bad_environment_values_name_the_variable(calibrating, monkeypatch):
+    monkeypatch.setenv("FASTVAE_SPARSE_INPUT", "yes")
+    with pytest.raises(ValueError, match="FASTVAE_SPARSE_INPUT must be 0 or 1, got 'yes'"):
+        build()
+    monkeypatch.delenv("FASTVAE_SPARSE_INPUT")
+    monkeypatch.setenv("FASTVAE_TUNING", "fast")
+    with pytest.raises(ValueError, match="FASTVAE_TUNING must be one of calibrate, rules, got 'fast'"):
+        build()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_rules_without_a_calibration(calibrating, monkeypatch, amx):
+    monkeypatch.setenv("FASTVAE_TUNING", "rules")
+    monkeypatch.setattr(tuning, "cpu_has_amx", lambda: amx)
+    model = build()
+    assert model.encoder.sparse_input is not amx and model.decoder.fused_head is not amx
+    assert not model.decoder.fused_mlp
+    assert not (calibrating / "fastvae").exists()  # nothing timed, nothing cached
+
+
+def test_modules_built_on_their_own_take_the_rules(calibrating, monkeypatch):
+    from fastvae.models.architectures.mlp import MLPDecoder
+
+    monkeypatch.setattr(tuning, "cpu_has_amx", lambda: True)
+    assert not MLPDecoder((12,), 3, hidden=[8]).fused_head
+    assert not (calibrating / "fastvae").exists()
+
+
+def test_the_real_calibration_times_a_training_step(calibrating):
+    results = tuning.calibrate(SHAPE)
+    assert set(results) == set(tuning.ORDER)
+    for result in results.values():
+        assert result["ratio"] > 0 and result["value"] == (result["ratio"] >= tuning.MARGIN)
+
+
+def test_info_says_what_was_chosen_and_why(calibrating, monkeypatch, capsys):
+    fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 0.5, "fused_mlp": 0.5})
+    monkeypatch.setenv("FASTVAE_FUSED_MLP", "0")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "sparse_input  on   calibrated: the step 2.00x as fast with it (mlp 784-200-200-50" in out
+    assert "fused_head    off  calibrated: the step 0.50x" in out
+    assert "fused_mlp     off  FASTVAE_FUSED_MLP=0" in out
+
+
+def test_models_built_for_another_device_take_the_rules(calibrating):
+    # The trainer builds a model for a GPU (or for torchrun's processes) under rules_only.
+    with tuning.rules_only():
+        model = build()
+    assert model.decoder.fused_head == tuning.rule("fused_head").value
+    assert not (calibrating / "fastvae").exists()
