@@ -9,7 +9,8 @@ On the GPU it times, interleaved and with CUDA events:
     device-to-device copy moving the same number of bytes;
   - the Burda MLP VAE (784-200-200-50, tanh, batch 100, Adam) for a fixed number of steps as
     eager PyTorch, as fastvae, and as fastvae with the whole step captured in one CUDA graph
-    (torch.cuda.graph), checking that the captured step's noise differs at every replay.
+    (torch.cuda.graph), checking that the captured step's noise differs at every replay; each
+    fastvae case also with both networks as fused stacks (fastvae.nn.FusedMLP, "fused-mlp").
 The results, the floors of issue 15 and the CUDA test summary go into ONE markdown table.
 """
 
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import fastvae  # noqa: E402
+from fastvae import tuning  # noqa: E402
 from fastvae.io import data as data_lib  # noqa: E402
 from fastvae.bench import eager_bernoulli, eager_latent, fused_bernoulli, run_mode  # noqa: E402
 from fastvae.models.vae import VAE  # noqa: E402
@@ -213,10 +215,12 @@ def noise_of(z, mu, logvar):
 
 
 class FastvaeBurdaVAE(nn.Module):
-    def __init__(self):
+    def __init__(self, fused_mlp: bool):
         super().__init__()
-        self.vae = VAE((784,), latent_dim=50, encoder="mlp", encoder_config={"hidden": [200, 200]},
-                       decoder_config={"hidden": [200, 200]})
+        # The rules of fastvae/tuning.py, not a calibration: it times the CPU, not this GPU.
+        with tuning.rules_only():
+            config = {"hidden": [200, 200], "fused_mlp": fused_mlp}
+            self.vae = VAE((784,), latent_dim=50, encoder="mlp", encoder_config=config, decoder_config=config)
 
     def loss(self, x):
         out = self.vae(x)
@@ -237,8 +241,8 @@ def load_images(data_dir: Path | None, device, count: int) -> tuple[torch.Tensor
 def train(kind: str, images, device, sizes: Sizes, timer: Timer) -> dict:
     """Trains one model for sizes.train_steps steps; returns time per step and the noise check."""
     torch.manual_seed(0)
-    model = (EagerBurdaVAE() if kind == "eager" else FastvaeBurdaVAE()).to(device)
-    capture = kind == "fastvae-graph"
+    model = (EagerBurdaVAE() if kind == "eager" else FastvaeBurdaVAE("fused-mlp" in kind)).to(device)
+    capture = kind.endswith("-graph")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=capture)
     batch = sizes.train_batch
     count = len(images) // batch * batch
@@ -333,7 +337,7 @@ def table(header: dict, op_rows, train_rows, tests: str, sizes: Sizes) -> str:
     for r in train_rows:
         ratio = eager["step_us"] / r["step_us"]
         check = f"final loss {r['final_loss']:.2f}"
-        if r["kind"] == "fastvae-graph":
+        if r["kind"] == "fastvae-graph":  # the floor is the default model's
             check += (f"; >= 2x eager: {status(ratio >= 2)}; noise fresh at every replay: "
                       f"{status(r['noise_fresh'])}")
         case = f"MLP 784-200-200-50 tanh B={sizes.train_batch}, {sizes.train_steps} steps: {r['kind']}"
@@ -378,7 +382,9 @@ def main(argv=None) -> int:
     op_rows = bench_ops(device, timer, sizes)
     print(f"check.py: op benchmarks took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     images, header["data"] = load_images(args.data, device, sizes.train_batch * max(10, sizes.train_steps))
-    kinds = ["eager", "fastvae"] + (["fastvae-graph"] if device.type == "cuda" else [])
+    kinds = ["eager", "fastvae", "fastvae-fused-mlp"]
+    if device.type == "cuda":
+        kinds += ["fastvae-graph", "fastvae-fused-mlp-graph"]
     train_rows = [train(kind, images, device, sizes, timer) for kind in kinds]
     text = table(header, op_rows, train_rows, tests, sizes)
     print(text)
