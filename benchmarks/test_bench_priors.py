@@ -5,7 +5,8 @@
 
 Sizes (float32): the mixture at B=100, K=500, D=50 (a VampPrior step's log p(z)); the KL to a
 conditional diagonal Gaussian prior and the Gaussian log-density at (4096, 256) and (100, 50).
-Providers in priors_memory.py: fastvae (the fused op) and eager.
+Providers in priors_memory.py: fastvae (the fused op) and eager. And a VampPrior (K=500) training
+step, fastvae.VAE against the same model in eager PyTorch (vamp_step.py).
 """
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 
 from priors_memory import LOG_PROB, MIXTURE, MIXTURE_SIZE, PRIOR_KL, mixture_inputs, mixture_saved_bytes
 from providers import run_mode
+
+import vamp_step
 
 SIZES = [(4096, 256), (100, 50)]
 MODES = ["forward", "forward+backward"]
@@ -60,3 +63,14 @@ def test_mixture_saves_ten_times_less_for_backward():
     # responsibilities; eager keeps (B, K, D) tensors.
     fused, eager = mixture_saved_bytes("fastvae"), mixture_saved_bytes("eager")
     assert eager >= 10 * fused, (fused, eager)
+
+
+@pytest.mark.parametrize("provider", ["fastvae", "eager"])
+def test_vamp_training_step(benchmark, provider):
+    """A VampPrior (K=500) training step on the Burda MLP (vamp_step.py has the interleaved table)."""
+    builder = vamp_step.fastvae_vamp_step if provider == "fastvae" else vamp_step.eager_vamp_step
+    step = builder(vamp_step.minibatches(count=4), 500)
+    for _ in range(3):
+        step()
+    benchmark.group = "VampPrior K=500 training step, MLP 784-200-200-50 B=100, Adam(fused=True)"
+    benchmark(step)
