@@ -7,21 +7,26 @@ dense GEMMs are fast; both pay on AMD EPYC):
     sparse_input  the encoder's first layer from the input's nonzeros (fastvae.sparse_input_linear)
     fused_head    the decoder's output layer folded into the likelihood op
     fused_mlp     each Linear/activation stack as one op (fastvae.nn.FusedMLP)
-A VAE built with both networks "mlp" (fastvae.VAE, `fastvae train`) takes each path that its
-config leaves unset only where it measured faster than going without it, for that model's
-shape on this CPU: a short calibration (a few tenths of a second) times the model's training
-step, forward and backward, on a batch of 100, with and without each path in turn, the
-variants interleaved, and keeps a path when its median step is at least MARGIN faster. The
-results are cached per CPU model, instruction-set level, torch version, thread count and
-shape in $XDG_CACHE_HOME/fastvae/tuning.json (~/.cache when unset), so a machine decides once
-and a resumed run takes the same paths as before.
+By default (FASTVAE_TUNING=rules) each path a config leaves unset follows RULES: the sparse
+first layer and the fused head on unless the CPU has AMX, the fused stack off. Measured on AMD
+EPYC (AVX2), 2 threads, the user-loop step (benchmarks/user_loop.py, 4-6 interleaved runs): the
+rules' paths 1.18-1.24x the plain PyTorch VAE, all three off 1.13x, the fused stack alone
+1.13-1.18x; on the Intel Xeon with AMX the sparse layer and the head each cost time.
+
+FASTVAE_TUNING=calibrate instead decides per model shape on this CPU: a short calibration
+(about a second) times the model's training step, forward and backward, on a batch of 100, in
+every combination of the paths, interleaved, and takes the fastest where it beats the one with
+the paths off by at least MARGIN. The results are cached per CPU model, instruction-set level,
+torch version, thread count and shape in $XDG_CACHE_HOME/fastvae/tuning.json (~/.cache when
+unset), so a machine decides once and a resumed run takes the same paths as before. It is not
+the default: on the AVX2 machine above, the differences between the combinations (a few percent)
+are within what a one-second calibration can tell apart, and it chose the fused stack alone
+where the longer interleaved runs put the rules' paths ahead.
 
 Environment variables:
     FASTVAE_SPARSE_INPUT, FASTVAE_FUSED_HEAD, FASTVAE_FUSED_MLP = 1 or 0: force that path on
         or off, for every model (an explicit config value still wins).
-    FASTVAE_TUNING = calibrate (default) or rules: rules skips the calibration and uses
-        RULES (on unless the CPU has AMX; fused_mlp off), as the mlp modules built on their
-        own always do.
+    FASTVAE_TUNING = rules (default) or calibrate.
 `fastvae info` prints the choices and what made them.
 """
 
@@ -41,13 +46,14 @@ from typing import Callable
 import torch
 
 MODE_ENV = "FASTVAE_TUNING"
-MODES = ("calibrate", "rules")
-# A path is taken when the step without it is this much slower (a median ratio): timing noise
-# below it must not flip a default.
+MODES = ("rules", "calibrate")
+# The fastest combination is taken only where the plain one (the open paths off) is this much
+# slower (a ratio of medians): timing noise below it must not turn a path on.
 MARGIN = 1.03
 CALIBRATION_BATCH = 100
 WARMUP_STEPS = 3
-TIMED_STEPS = 12
+ROUNDS = 10          # interleaved rounds; each variant's time is its median round
+STEPS_PER_ROUND = 3
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,11 @@ CHOICES: dict[str, Choice] = {c.name: c for c in (
     Choice("fused_head", "FASTVAE_FUSED_HEAD", "decoder's output layer inside the likelihood op"),
     Choice("fused_mlp", "FASTVAE_FUSED_MLP", "each Linear/activation stack as one op (FusedMLP)"),
 )}
-# The order of the calibration: each path is tried on top of the ones already kept.
 ORDER = ("sparse_input", "fused_head", "fused_mlp")
-ENCODER_KEYS = ("sparse_input", "fused_mlp")
-DECODER_KEYS = ("fused_head", "fused_mlp")
+# Every combination a model can take (the fused stack computes its first layer dense).
+CONFIGS = tuple({"sparse_input": sparse, "fused_head": head, "fused_mlp": fused}
+                for fused in (False, True) for sparse in ((False,) if fused else (False, True))
+                for head in (False, True))
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def forced(name: str) -> bool | None:
 
 
 def mode() -> str:
-    raw = os.environ.get(MODE_ENV, "").strip().lower() or "calibrate"
+    raw = os.environ.get(MODE_ENV, "").strip().lower() or "rules"
     if raw not in MODES:
         raise ValueError(f"{MODE_ENV} must be one of {', '.join(MODES)}, got {raw!r}")
     return raw
@@ -194,16 +201,18 @@ def mlp_shape(input_shape, latent_dim, likelihood, condition_dim, encoder_config
 
 
 def step_seconds(steps: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """Median seconds of each step, the steps interleaved (noise then hits every variant alike)."""
+    """Median seconds per step of each variant, the variants taking turns round by round (a change
+    in the machine's speed then hits every variant alike)."""
     for step in steps.values():
         for _ in range(WARMUP_STEPS):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(TIMED_STEPS):
+    for _ in range(ROUNDS):
         for name, step in steps.items():
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(STEPS_PER_ROUND):
+                step()
+            times[name].append((time.perf_counter() - start) / STEPS_PER_ROUND)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -233,20 +242,40 @@ def _training_step(shape: MLPShape, choices: dict[str, bool]) -> Callable[[], No
     return step
 
 
-def calibrate(shape: MLPShape, measure: Callable[[dict], dict] | None = None) -> dict:
-    """{choice: {"value", "ratio"}}: each path in ORDER tried on top of those already kept,
-    ratio = the step without it / the step with it. `measure` maps {variant: choices} to
-    {variant: seconds} (step_seconds of training steps by default; tests pass their own)."""
+def config_name(choices: dict) -> str:
+    return "+".join(name for name in ORDER if choices[name]) or "dense"
+
+
+def calibrate(shape: MLPShape, fixed: dict[str, bool] | None = None,
+              measure: Callable[[dict], dict] | None = None) -> dict:
+    """{choice: {"value", "ratio"}} for the choices not in `fixed`: every combination of CONFIGS
+    that agrees with `fixed` timed, interleaved; the fastest is taken if it beats the one with all
+    the open paths off by MARGIN, else that one. ratio: the fastest step without the path / the
+    fastest with it. `measure` maps {name: choices} to {name: seconds} (step_seconds of training
+    steps by default; tests pass their own)."""
+    fixed = fixed or {}
     if measure is None:
         def measure(variants):
             return step_seconds({name: _training_step(shape, c) for name, c in variants.items()})
-    kept = {name: False for name in ORDER}
+    configs = [c for c in CONFIGS if all(c[k] == v for k, v in fixed.items())]
+    if not configs:  # sparse_input and fused_mlp both fixed on: the modules refuse it
+        return {}
+    seconds = measure({config_name(c): c for c in configs})
+    time_of = lambda c: seconds[config_name(c)]  # noqa: E731
+    plain = min(configs, key=lambda c: sum(c.values()))
+    best = min(configs, key=time_of)
+    if time_of(plain) < MARGIN * time_of(best):
+        best = plain
     results = {}
     for name in ORDER:
-        seconds = measure({"without": dict(kept), "with": {**kept, name: True}})
-        ratio = seconds["without"] / seconds["with"]
-        kept[name] = ratio >= MARGIN
-        results[name] = {"value": kept[name], "ratio": round(ratio, 4)}
+        if name in fixed:
+            continue
+        with_it = [time_of(c) for c in configs if c[name]]
+        without = [time_of(c) for c in configs if not c[name]]
+        # No ratio where the fixed choices leave the path one way only (the sparse first layer
+        # beside a fused stack).
+        ratio = round(min(without) / min(with_it), 4) if with_it and without else None
+        results[name] = {"value": best[name], "ratio": ratio}
     return results
 
 
@@ -264,30 +293,33 @@ def rules_only():
         _rules_only = before
 
 
-def mlp_defaults(shape: MLPShape, explicit: set[str] = frozenset()) -> dict[str, Decision]:
-    """The decision for each choice of a VAE with mlp networks; `explicit`: the choices its
-    configs set (their values are the caller's, so nothing is calibrated for them alone)."""
+def mlp_defaults(shape: MLPShape, given: dict[str, bool] | None = None) -> dict[str, Decision]:
+    """The decision for each choice of a VAE with mlp networks. given: the choices its configs
+    set; those and the forced ones (environment) are fixed, the calibration picks the rest."""
     decisions = {name: rule(name) for name in CHOICES}
-    open_choices = [n for n in CHOICES if n not in explicit and forced(n) is None]
+    fixed = {n: forced(n) for n in CHOICES if forced(n) is not None}
+    fixed.update(given or {})
+    open_choices = [n for n in CHOICES if n not in fixed]
     if not open_choices or mode() == "rules":
         return decisions
-    key = f"{machine_key()} | {shape.key()}"
+    key = f"{machine_key()} | {shape.key()}" + (f" | fixed {json.dumps(fixed, sort_keys=True)}" if fixed else "")
     entry = _memory.get(key) or _read_cache().get(key)
-    if not _valid_entry(entry):
-        entry = {"shape": shape.describe(), "choices": calibrate(shape)}
+    if not _valid_entry(entry, open_choices):
+        entry = {"shape": shape.describe(), "choices": calibrate(shape, fixed)}
         _write_cache(key, entry)
     _memory[key] = entry
     for name in open_choices:
         result = entry["choices"][name]
-        decisions[name] = Decision(bool(result["value"]),
-                                   f"calibrated: the step {result['ratio']:.2f}x as fast with it ({entry['shape']})")
+        how = "off with the fixed choices" if result["ratio"] is None else \
+            f"the step {result['ratio']:.2f}x as fast with it"
+        decisions[name] = Decision(bool(result["value"]), f"calibrated: {how} ({entry['shape']})")
     return decisions
 
 
-def _valid_entry(entry) -> bool:
+def _valid_entry(entry, names) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("choices"), dict)
             and all(isinstance(entry["choices"].get(n), dict) and "value" in entry["choices"][n]
-                    and "ratio" in entry["choices"][n] for n in ORDER))
+                    and "ratio" in entry["choices"][n] for n in names))
 
 
 def fill_mlp_configs(shape: MLPShape, encoder_config: dict | None, decoder_config: dict | None) -> tuple[dict, dict]:
@@ -295,8 +327,12 @@ def fill_mlp_configs(shape: MLPShape, encoder_config: dict | None, decoder_confi
     encoder_config, decoder_config = dict(encoder_config or {}), dict(decoder_config or {})
     if _rules_only:
         return encoder_config, decoder_config  # the mlp modules apply the rules themselves
-    explicit = {k for k in ENCODER_KEYS if k in encoder_config} | {k for k in DECODER_KEYS if k in decoder_config}
-    decisions = mlp_defaults(shape, explicit)
+    given = {k: v for k, v in (("sparse_input", encoder_config.get("sparse_input")),
+                               ("fused_head", decoder_config.get("fused_head"))) if isinstance(v, bool)}
+    fused_given = {cfg["fused_mlp"] for cfg in (encoder_config, decoder_config) if isinstance(cfg.get("fused_mlp"), bool)}
+    if len(fused_given) == 1:
+        given["fused_mlp"] = fused_given.pop()
+    decisions = mlp_defaults(shape, given)
     fused = {"encoder": encoder_config.get("fused_mlp", decisions["fused_mlp"].value),
              "decoder": decoder_config.get("fused_mlp", decisions["fused_mlp"].value)}
     encoder_config.setdefault("fused_mlp", fused["encoder"])

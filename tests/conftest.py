@@ -14,8 +14,8 @@ import sys
 import pytest
 from hypothesis import HealthCheck, settings
 
-# The fast paths of fastvae.VAE's mlp networks by the CPU's rules, not a calibration
-# (fastvae/tuning.py): the same paths in every test and every subprocess, and no timing in tests.
+# The fast paths of fastvae.VAE's mlp networks by the CPU's rules (the default), even where the
+# environment asks for a calibration (fastvae/tuning.py): no timing in tests or their subprocesses.
 os.environ["FASTVAE_TUNING"] = "rules"
 
 from fastvae.models import likelihoods, objectives, priors, registry  # noqa: E402

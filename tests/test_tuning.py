@@ -42,7 +42,7 @@ def fake_timings(monkeypatch, speedups, calls=None):
         return seconds
 
     real = tuning.calibrate
-    monkeypatch.setattr(tuning, "calibrate", lambda shape: real(shape, measure))
+    monkeypatch.setattr(tuning, "calibrate", lambda shape, fixed: real(shape, fixed, measure))
 
 
 def build(**configs):
@@ -50,43 +50,56 @@ def build(**configs):
                decoder_config={"hidden": [8], **configs.get("dec", {})})
 
 
-def test_a_path_is_kept_only_where_it_is_faster_by_the_margin(calibrating, monkeypatch):
-    fake_timings(monkeypatch, {"sparse_input": 0.8, "fused_head": 1.2, "fused_mlp": 1.01})
+def test_the_fastest_combination_is_taken(calibrating, monkeypatch):
+    fake_timings(monkeypatch, {"sparse_input": 0.8, "fused_head": 1.2, "fused_mlp": 0.99})
     model = build()
     assert not model.encoder.sparse_input  # slower
     assert model.decoder.fused_head        # 1.2x
-    assert not model.decoder.fused_mlp     # 1.01x is inside the noise margin
-    assert not model.encoder.fused_mlp
+    assert not model.decoder.fused_mlp and not model.encoder.fused_mlp
+
+
+def test_the_plain_paths_stay_unless_the_gain_passes_the_margin(calibrating, monkeypatch):
+    fake_timings(monkeypatch, {"sparse_input": 1.01, "fused_head": 1.01, "fused_mlp": 1.0})  # 1.02x together
+    model = build()
+    assert not model.encoder.sparse_input and not model.decoder.fused_head
 
 
 def test_the_fused_stack_replaces_the_sparse_first_layer_when_it_wins(calibrating, monkeypatch):
-    fake_timings(monkeypatch, {"sparse_input": 1.5, "fused_head": 1.5, "fused_mlp": 1.5})
+    fake_timings(monkeypatch, {"sparse_input": 1.5, "fused_head": 1.5, "fused_mlp": 1.6})
     model = build()
     assert model.encoder.fused_mlp and not model.encoder.sparse_input and model.decoder.fused_head
 
 
-def test_each_path_is_tried_on_top_of_the_ones_kept(calibrating):
+def test_every_combination_is_timed_once(calibrating):
     calls = []
-    tuning.calibrate(SHAPE, lambda variants: calls.append(variants) or {"without": 2.0, "with": 1.0})
-    assert [c["with"] for c in calls] == [
-        {"sparse_input": True, "fused_head": False, "fused_mlp": False},
-        {"sparse_input": True, "fused_head": True, "fused_mlp": False},
-        {"sparse_input": True, "fused_head": True, "fused_mlp": True},
-    ]
+    results = tuning.calibrate(SHAPE, {}, lambda variants: calls.append(variants) or dict.fromkeys(variants, 1.0))
+    (variants,) = calls
+    assert len(variants) == 6 and not any(c["sparse_input"] and c["fused_mlp"] for c in variants.values())
+    assert all(not r["value"] and r["ratio"] == 1.0 for r in results.values())  # a tie keeps the plain paths
+
+
+def test_forced_and_given_choices_are_fixed_in_the_calibration(calibrating, monkeypatch):
+    calls = []
+    fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 2.0, "fused_mlp": 3.0}, calls)
+    monkeypatch.setenv("FASTVAE_FUSED_MLP", "0")
+    model = build(dec={"fused_head": False})
+    (variants,) = calls
+    assert all(not c["fused_mlp"] and not c["fused_head"] for c in variants.values())
+    assert model.encoder.sparse_input and not model.decoder.fused_head and not model.encoder.fused_mlp
 
 
 def test_results_are_cached_per_machine_and_shape(calibrating, monkeypatch):
     calls = []
     fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 2.0, "fused_mlp": 0.5}, calls)
     build()
-    assert len(calls) == 3
+    assert len(calls) == 1
     monkeypatch.setattr(tuning, "_memory", {})  # a new process: only the file remains
     build()
-    assert len(calls) == 3
+    assert len(calls) == 1
     (entry,) = json.loads((calibrating / "fastvae" / "tuning.json").read_text()).values()
     assert entry["choices"]["sparse_input"] == {"value": True, "ratio": 2.0}
     VAE((12,), 3, "mlp", encoder_config={"hidden": [9]}, decoder_config={"hidden": [8]})  # another shape
-    assert len(calls) == 6
+    assert len(calls) == 2
 
 
 def test_a_damaged_cache_is_calibrated_again(calibrating, monkeypatch):
@@ -94,7 +107,7 @@ def test_a_damaged_cache_is_calibrated_again(calibrating, monkeypatch):
     (calibrating / "fastvae" / "tuning.json").write_text("{not json")
     calls = []
     fake_timings(monkeypatch, {"sparse_input": 2.0, "fused_head": 2.0, "fused_mlp": 0.5}, calls)
-    assert build().encoder.sparse_input and len(calls) == 3
+    assert build().encoder.sparse_input and len(calls) == 1
 
 
 @pytest.mark.parametrize("env, value", [("1", True), ("0", False)])
@@ -120,7 +133,7 @@ def test_bad_environment_values_name_the_variable(calibrating, monkeypatch):
         build()
     monkeypatch.delenv("FASTVAE_SPARSE_INPUT")
     monkeypatch.setenv("FASTVAE_TUNING", "fast")
-    with pytest.raises(ValueError, match="FASTVAE_TUNING must be one of calibrate, rules, got 'fast'"):
+    with pytest.raises(ValueError, match="FASTVAE_TUNING must be one of rules, calibrate, got 'fast'"):
         build()
 
 
@@ -132,6 +145,14 @@ def test_rules_without_a_calibration(calibrating, monkeypatch, amx):
     assert model.encoder.sparse_input is not amx and model.decoder.fused_head is not amx
     assert not model.decoder.fused_mlp
     assert not (calibrating / "fastvae").exists()  # nothing timed, nothing cached
+
+
+def test_the_rules_are_the_default(calibrating, monkeypatch):
+    monkeypatch.delenv("FASTVAE_TUNING")
+    assert tuning.mode() == "rules"
+    model = build()
+    assert model.encoder.sparse_input == tuning.rule("sparse_input").value
+    assert not (calibrating / "fastvae").exists()
 
 
 def test_modules_built_on_their_own_take_the_rules(calibrating, monkeypatch):
