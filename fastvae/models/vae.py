@@ -105,7 +105,7 @@ class VAE(nn.Module):
         common = {"latent_dim": latent_dim, "condition_dim": condition_dim}
         built_encoder_config, built_decoder_config = encoder_config, decoder_config
         if encoder == "mlp" and decoder == "mlp":
-            # The optional fast paths the configs leave unset: those that are faster on this CPU.
+            # The optional fast paths the configs leave unset, as fastvae/tuning.py decides for this CPU.
             shape = tuning.mlp_shape(input_shape, latent_dim, likelihood, condition_dim, encoder_config,
                                      decoder_config)
             built_encoder_config, built_decoder_config = tuning.fill_mlp_configs(shape, encoder_config,

@@ -101,7 +101,7 @@ class Trainer:
         if model is None:
             # The initial weights come from the seed on a forked generator: the caller's global
             # RNG state is left as it was, and the same seed still gives the same weights.
-            # The CPU calibration of fastvae/tuning.py says nothing about another device, and torchrun's
+            # A CPU calibration (FASTVAE_TUNING=calibrate) says nothing about another device, and torchrun's
             # processes, timing at once, could each decide differently: the rules decide there.
             calibrate = self.device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1
             tuned = contextlib.nullcontext() if calibrate else tuning.rules_only()

@@ -29,7 +29,8 @@ def _mlp(in_features: int, hidden: tuple[int, ...], out_features: int, activatio
 
 def _choice(name: str, value) -> bool:
     """A fast-path switch as given, or for None the rule for this CPU (fastvae/tuning.py; its
-    environment variable forces it). fastvae.VAE decides the None ones by calibration before."""
+    environment variable forces it). fastvae.VAE fills the None ones before, the same way unless
+    FASTVAE_TUNING=calibrate."""
     if value is None:
         return tuning.rule(name).value
     if not isinstance(value, bool):
@@ -46,8 +47,9 @@ class MLPEncoder(Encoder):
     nonzeros of the input (binarized images are mostly zeros) and falls back to the dense
     product for dense inputs. Same numbers as nn.Linear up to float rounding; same state dict.
     fused_mlp: the whole stack runs as one op (fastvae.nn.FusedMLP), its first layer dense.
-    None for either: as fastvae/tuning.py decides for this CPU (fastvae.VAE calibrates it;
-    FASTVAE_SPARSE_INPUT / FASTVAE_FUSED_MLP force it); sparse_input is off when fused.
+    None for either: as fastvae/tuning.py decides for this CPU (its rules, or a calibration with
+    FASTVAE_TUNING=calibrate; FASTVAE_SPARSE_INPUT / FASTVAE_FUSED_MLP force it); sparse_input
+    is off when fused.
     """
 
     def __init__(self, input_shape, latent_dim, condition_dim=0, hidden=(500,), activation="tanh",
@@ -94,8 +96,8 @@ class MLPDecoder(Decoder):
     It applies when that saves at least 1 MiB (RECOMPUTE_MIN_BYTES), where it pays for its pass.
     fused_mlp: the hidden layers (and, without the fused head, the output layer) run as one op
     (fastvae.nn.FusedStack) wherever recompute_hidden does not apply. Same state dict either way.
-    None for fused_head or fused_mlp: as fastvae/tuning.py decides for this CPU (fastvae.VAE
-    calibrates it; FASTVAE_FUSED_HEAD / FASTVAE_FUSED_MLP force it).
+    None for fused_head or fused_mlp: as fastvae/tuning.py decides for this CPU (its rules, or a
+    calibration with FASTVAE_TUNING=calibrate; FASTVAE_FUSED_HEAD / FASTVAE_FUSED_MLP force it).
     """
 
     def __init__(self, output_shape, latent_dim, condition_dim=0, likelihood="bernoulli", hidden=(500,),
