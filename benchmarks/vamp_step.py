@@ -18,7 +18,6 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from torch.distributions import Normal
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_compare import DEFAULT_MNIST, cpu_description  # noqa: E402
-from user_loop import BATCH, loop_step, minibatches  # noqa: E402
+from user_loop import BATCH, interleaved_rates, loop_step, minibatches  # noqa: E402
 
 import fastvae  # noqa: E402
 
@@ -72,20 +71,6 @@ def eager_vamp_step(batches, components: int):
 
 def providers(batches, components: int) -> dict:
     return {"fastvae": fastvae_vamp_step(batches, components), "eager": eager_vamp_step(batches, components)}
-
-
-def interleaved_rates(steps: dict, rounds: int, steps_per_round: int) -> dict[str, list[float]]:
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    rates = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(steps_per_round):
-                step()
-            rates[name].append(steps_per_round * BATCH / (time.perf_counter() - start))
-    return rates
 
 
 def main(argv=None) -> None:
