@@ -33,6 +33,7 @@ Environment variables:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -101,7 +102,8 @@ def mode() -> str:
     return raw
 
 
-def cpu_has_amx() -> bool:
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:  # read once: every mlp module built asks
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
@@ -297,7 +299,7 @@ def mlp_defaults(shape: MLPShape, given: dict[str, bool] | None = None) -> dict[
     """The decision for each choice of a VAE with mlp networks. given: the choices its configs
     set; those and the forced ones (environment) are fixed, the calibration picks the rest."""
     decisions = {name: rule(name) for name in CHOICES}
-    fixed = {n: forced(n) for n in CHOICES if forced(n) is not None}
+    fixed = {n: value for n in CHOICES if (value := forced(n)) is not None}
     fixed.update(given or {})
     open_choices = [n for n in CHOICES if n not in fixed]
     if not open_choices or mode() == "rules":
