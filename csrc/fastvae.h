@@ -63,23 +63,37 @@ FASTVAE_FN uint32_t float_to_bits(float f) {
 // float64 never uses them (see exp_of below).
 // ---------------------------------------------------------------------------
 
+// x = k ln2 + r with k = round(x / ln2) and |r| <= ln2/2, for an x already clamped to where
+// 2^k is representable (each caller has its own clamp). Branch-free, no float->int
+// conversion (the rounding is by kRoundMagic), so that loops calling it vectorize. Shared by
+// exp_poly and the float32 e^r - 1 of csrc/priors.h.
+struct Ln2Reduced {
+  int32_t k;
+  float r;
+};
+FASTVAE_FN Ln2Reduced reduce_by_ln2(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693145751953125f;  // ln2 split so that k*kLn2Hi is exact
+  const float kLn2Lo = 1.428606765330187045e-06f;
+  const float kRoundMagic = 12582912.0f;    // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = x * kLog2e + kRoundMagic;
+  const int32_t ki = static_cast<int32_t>(float_to_bits(shifted) - float_to_bits(kRoundMagic));
+  const float k = shifted - kRoundMagic;
+  return {ki, (x - k * kLn2Hi) - k * kLn2Lo};
+}
+
 // exp(x) = 2^k * exp(r), r = x - k*ln2 in [-ln2/2, ln2/2], exp(r) by its Taylor
 // series to degree 7 (truncation error < 6e-9 relative). Written without
 // branches or float->int conversions so that GCC vectorizes it: NaN flows
 // through the arithmetic to a NaN result, +inf overflows to inf, -inf gives 0.
 FASTVAE_FN float exp_poly(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693145751953125f;  // ln2 split so that k*kLn2Hi is exact
-  const float kLn2Lo = 1.428606765330187045e-06f;
-  const float kRoundMagic = 12582912.0f;    // 1.5 * 2^23: adding it rounds to an integer
   // Clamp so that each half of 2^k below stays a normal float; past the clamp
   // the result overflows to inf or rounds to 0 by itself.
   float xc = x > 88.8f ? 88.8f : x;
   xc = xc < -104.0f ? -104.0f : xc;
-  float shifted = xc * kLog2e + kRoundMagic;
-  int32_t ki = static_cast<int32_t>(float_to_bits(shifted) - float_to_bits(kRoundMagic));  // round(x*log2e)
-  float k = shifted - kRoundMagic;
-  float r = (xc - k * kLn2Hi) - k * kLn2Lo;
+  const Ln2Reduced reduced = reduce_by_ln2(xc);
+  const int32_t ki = reduced.k;
+  const float r = reduced.r;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;

@@ -50,23 +50,18 @@ FASTVAE_FN ExpMinusOne<double> exp_minus_one(double r) {
 }
 
 // float32: one range-reduced evaluation gives both (an exp and the series cost twice as much).
-// r = k ln2 + f with |f| <= ln2/2 (as exp_poly in fastvae.h); e^f - 1 = f + f^2 q(f),
+// r = k ln2 + f with |f| <= ln2/2 (reduce_by_ln2 in fastvae.h, as exp_poly); e^f - 1 = f + f^2 q(f),
 // q the series above to n = 8 (truncation below 1e-9 relative at |f| = ln2/2). For
 // k = 0, that is |r| < ln2/2, r = f and e^r - 1 - r = f^2 q(f) exactly as the series
 // gives it; otherwise e^r - 1 = 2^k (e^f - 1) + (2^k - 1), and e^r - 1 - r, subtracted
 // from it, loses at most three bits. r is clamped to [-87, 88], where 2^k is a normal
 // float: a log-variance ratio beyond e^88 is reported as e^88.
 FASTVAE_FN ExpMinusOne<float> exp_minus_one(float r) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693145751953125f;  // ln2 split so that k*kLn2Hi is exact
-  const float kLn2Lo = 1.428606765330187045e-06f;
-  const float kRoundMagic = 12582912.0f;    // 1.5 * 2^23: adding it rounds to an integer
   float rc = r > 88.0f ? 88.0f : r;
   rc = rc < -87.0f ? -87.0f : rc;
-  const float shifted = rc * kLog2e + kRoundMagic;
-  const int32_t k = static_cast<int32_t>(float_to_bits(shifted) - float_to_bits(kRoundMagic));
-  const float kf = shifted - kRoundMagic;
-  const float f = (rc - kf * kLn2Hi) - kf * kLn2Lo;
+  const Ln2Reduced reduced = reduce_by_ln2(rc);
+  const int32_t k = reduced.k;
+  const float f = reduced.r;
   float q = 1.0f / 40320.0f;  // 1/8!
   q = q * f + 1.0f / 5040.0f;
   q = q * f + 1.0f / 720.0f;
