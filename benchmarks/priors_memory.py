@@ -44,6 +44,12 @@ LOG_PROB = {"fastvae": fastvae.gaussian_log_prob, "eager": log_prob_eager}
 MIXTURE = {"fastvae": fastvae.mixture_log_prob, "eager": mixture_eager}
 
 
+def gaussian_inputs(batch, dim, count, dtype=torch.float32):
+    """`count` (batch, dim) leaves that require grad: the operands of the KL or the log-density."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(batch, dim, generator=gen, dtype=dtype).requires_grad_() for _ in range(count))
+
+
 def mixture_inputs(batch, components, dim, dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(batch, dim, generator=gen, dtype=dtype)

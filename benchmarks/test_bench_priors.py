@@ -6,24 +6,22 @@
 Sizes (float32): the mixture at B=100, K=500, D=50 (a VampPrior step's log p(z)); the KL to a
 conditional diagonal Gaussian prior and the Gaussian log-density at (4096, 256) and (100, 50).
 Providers in priors_memory.py: fastvae (the fused op) and eager. And a VampPrior (K=500) training
-step, fastvae.VAE against the same model in eager PyTorch (vamp_step.py).
+step, fastvae.VAE against the same model in eager PyTorch (vamp_step.py); kl_breakdown.py splits
+the KL's forward+backward time into its parts.
 """
 
 import pytest
 import torch
 
-from priors_memory import LOG_PROB, MIXTURE, MIXTURE_SIZE, PRIOR_KL, mixture_inputs, mixture_saved_bytes
+from priors_memory import (LOG_PROB, MIXTURE, MIXTURE_SIZE, PRIOR_KL, gaussian_inputs, mixture_inputs,
+                           mixture_saved_bytes)
 from providers import run_mode
 
+import kl_breakdown
 import vamp_step
 
 SIZES = [(4096, 256), (100, 50)]
 MODES = ["forward", "forward+backward"]
-
-
-def gaussian_inputs(batch, dim, count):
-    gen = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(batch, dim, generator=gen).requires_grad_() for _ in range(count))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"B={s[0]},D={s[1]}")
@@ -74,3 +72,20 @@ def test_vamp_training_step(benchmark, provider):
         step()
     benchmark.group = "VampPrior K=500 training step, MLP 784-200-200-50 B=100, Adam(fused=True)"
     benchmark(step)
+
+
+def test_kl_breakdown_runs_every_row():
+    """benchmarks/kl_breakdown.py at a small size (a smoke run, not a timing)."""
+    times = kl_breakdown.measure(8, 4, budget=0.003, rounds=1)
+    assert list(times) == ["forward", "fwd+bwd, .grad None", "fwd+bwd, accumulated", "backward alone"]
+    assert set(times["backward alone"]) == {"fastvae"}
+    assert all(t > 0 for row in times.values() for t in row.values())
+    assert "| forward |" in kl_breakdown.table(times)
+
+
+@pytest.mark.parametrize("argv, named", [(["--batch", "0"], "--batch"), (["--dim", "-1"], "--dim"),
+                                         (["--budget", "0"], "--budget"), (["--threads", "0"], "--threads")])
+def test_kl_breakdown_refuses_bad_arguments(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        kl_breakdown.main(argv)
+    assert named in capsys.readouterr().err
