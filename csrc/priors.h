@@ -148,6 +148,18 @@ template <class E, typename T>
 FASTVAE_FN void element_grads(const T* const* row, int64_t d, T* const* out, int64_t o) {
   element_grads_of<E>(row, d, out, o, std::make_index_sequence<E::kOperands>{});
 }
+// The same gradients times g (the incoming gradient of the element's row), written to out[i][o].
+template <class E, typename T, size_t... I>
+FASTVAE_FN void scaled_element_grads_of(const T* const* row, int64_t d, T g, T* const* out, int64_t o,
+                                        std::index_sequence<I...>) {
+  T grad[E::kOperands];  // indexed by constants only: held in registers
+  E::grads(row[I][d]..., grad[I]...);
+  ((out[I][o] = g * grad[I]), ...);
+}
+template <class E, typename T>
+FASTVAE_FN void scaled_element_grads(const T* const* row, int64_t d, T g, T* const* out, int64_t o) {
+  scaled_element_grads_of<E>(row, d, g, out, o, std::make_index_sequence<E::kOperands>{});
+}
 
 // The row-broadcast layout of both element ops (csrc/priors_host.h): every operand is
 // contiguous (rows_i, dim), and output row r reads operand i's row r % rows_i. A

@@ -180,6 +180,23 @@ def test_only_wanted_gradients_are_computed(device):
     assert logvar.grad is None and prior_mu.grad is None
 
 
+@pytest.mark.parametrize("wanted", [(True, True, True, True), (True, False, False, True), (False, True, True, False)],
+                         ids=lambda w: "".join("x" if x else "-" for x in w))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_of_wide_rows_match_reference(device, dtype, wanted):
+    """D = 600 spans the CPU backward's row chunks (256) with a remainder; the gradients not
+    wanted go to scratch, the wanted ones straight to their outputs."""
+    args = [randn((5, 600), device, i, 1.5, dtype=dtype).requires_grad_(w) for i, w in enumerate(wanted)]
+    weights = randn((5,), device, 9, dtype=dtype)
+    got = torch.autograd.grad((fastvae.gaussian_kl(*args) * weights).sum(), [a for a in args if a.requires_grad])
+    want = torch.autograd.grad((reference.gaussian_kl_prior(*args) * weights).sum(),
+                               [a for a in args if a.requires_grad])
+    tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
 @requires_cpp
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
