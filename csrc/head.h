@@ -218,8 +218,12 @@ HeadIO prepare_head(const at::Tensor& h, const at::Tensor& weight, const c10::op
   const auto options = io.h.options();
   if (wants.log_prob) io.log_prob = at::empty(row_shape, options);
   if (wants.grad_h) io.grad_h = at::empty(h.sizes(), options);
-  // Accumulated over chunks (and over threads on CPU): they start at zero.
-  if (wants.grad_weight) io.grad_weight = at::zeros({io.outputs, io.hidden}, options);
+  // Accumulated over chunks (and over threads on CPU). grad_weight is not zeroed where there
+  // are rows: each backend's first GEMM into it has beta = 0 (a fill of the matrix saved).
+  if (wants.grad_weight) {
+    io.grad_weight = io.rows > 0 ? at::empty({io.outputs, io.hidden}, options)
+                                 : at::zeros({io.outputs, io.hidden}, options);
+  }
   if (wants.grad_bias && io.has_bias) io.grad_bias = at::zeros({io.outputs}, options);
   return io;
 }

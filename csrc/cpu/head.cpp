@@ -136,8 +136,11 @@ void run_head(const HeadIO& io, HeadWants wants) {
   const at::Tensor weight_t = io.weight.t();
   const at::Tensor grad_h = io.grad_h.defined() ? io.grad_h.view({a.rows, a.hidden}) : at::Tensor();
   // Thread t sums its chunks' grad_W and grad_b into partials[t]; thread 0 into the outputs themselves.
+  // A thread's first GEMM into its grad_W partial has beta = 0 (the partials are not zeroed);
+  // weight_written[t] says it ran.
   const int threads = at::get_num_threads();
   std::vector<at::Tensor> weight_partials(threads), bias_partials(threads);
+  std::vector<char> weight_written(threads, 0);
   weight_partials[0] = io.grad_weight;
   bias_partials[0] = io.grad_bias;
   cpu_level();  // a bad FASTVAE_CPU_LEVEL is reported here, not from a worker thread
@@ -148,7 +151,7 @@ void run_head(const HeadIO& io, HeadWants wants) {
     at::NoGradGuard no_grad;
     const int tid = at::get_thread_num();
     if (tid > 0) {
-      if (io.grad_weight.defined()) weight_partials[tid] = at::zeros_like(io.grad_weight);
+      if (io.grad_weight.defined()) weight_partials[tid] = at::empty_like(io.grad_weight);
       if (io.grad_bias.defined()) bias_partials[tid] = at::zeros_like(io.grad_bias);
     }
     const at::Tensor& grad_weight = weight_partials[tid];
@@ -164,11 +167,17 @@ void run_head(const HeadIO& io, HeadWants wants) {
         at::Tensor grad_h_chunk = grad_h.narrow(0, first_row, count);
         at::mm_out(grad_h_chunk, raw_chunk, io.weight);
       }
-      if (grad_weight.defined()) grad_weight.addmm_(raw_chunk.t(), h_chunk);
+      if (grad_weight.defined()) {
+        grad_weight.addmm_(raw_chunk.t(), h_chunk, weight_written[tid] ? 1.0 : 0.0);
+        weight_written[tid] = 1;
+      }
     }
   });
+  // Thread 0 runs the first range unless the call is nested in another parallel region,
+  // where the whole range runs on the calling thread, whatever its number.
+  if (io.grad_weight.defined() && !weight_written[0]) io.grad_weight.zero_();
   for (int t = 1; t < threads; ++t) {
-    if (weight_partials[t].defined()) io.grad_weight.add_(weight_partials[t]);
+    if (weight_written[t]) io.grad_weight.add_(weight_partials[t]);
     if (bias_partials[t].defined()) io.grad_bias.add_(bias_partials[t]);
   }
 }

@@ -97,7 +97,8 @@ void run_head(const HeadIO& io, HeadWants wants) {
       at::Tensor grad_h_chunk = grad_h.narrow(0, first_row, count);
       at::mm_out(grad_h_chunk, raw_chunk, io.weight);
     }
-    if (io.grad_weight.defined()) io.grad_weight.addmm_(raw_chunk.t(), h_chunk);
+    // beta = 0 for the first chunk: grad_weight is allocated, not zeroed (prepare_head)
+    if (io.grad_weight.defined()) io.grad_weight.addmm_(raw_chunk.t(), h_chunk, first_row == 0 ? 0.0 : 1.0);
     if (io.grad_bias.defined()) io.grad_bias.add_(raw_chunk.sum(0));
   }
 }
