@@ -22,3 +22,18 @@ def test_user_loop_step(benchmark, provider):
     benchmark.group = "user loop step, Adam(fused=True), MLP 784-200-200-50 B=100"
     benchmark.extra_info["examples"] = user_loop.BATCH
     benchmark(step)
+
+
+def test_profile_table_lists_the_step_ops():
+    table = user_loop.profile_table(user_loop.fastvae_step(user_loop.minibatches(count=2)), steps=2, rows=5)
+    lines = table.splitlines()
+    assert lines[0].startswith("minor page faults per step:") and "profiled" in lines[0]
+    assert len(lines) == 4 + 5 and any("aten::mm" in line or "aten::addmm" in line for line in lines)
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--rounds", "0"], ["--profile", "-1"]])
+def test_bad_counts_are_refused_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        user_loop.main(argv)
+    assert exit_info.value.code == 2
+    assert f"{argv[0]} must be at least" in capsys.readouterr().err
