@@ -37,3 +37,11 @@ def test_bad_counts_are_refused_in_one_line(argv, capsys):
         user_loop.main(argv)
     assert exit_info.value.code == 2
     assert f"{argv[0]} must be at least" in capsys.readouterr().err
+
+
+def test_paths_add_one_provider_per_combination():
+    steps = user_loop.providers(user_loop.minibatches(count=2), compile_plain=False, paths=True)
+    names = [n for n in steps if n.startswith("fastvae.VAE [")]
+    assert len(names) == len(user_loop.tuning.CONFIGS) and "fastvae.VAE [dense]" in names
+    rates = user_loop.interleaved_rates({n: steps[n] for n in names[:2]}, rounds=2, steps_per_round=1)
+    assert all(len(r) == 2 and min(r) > 0 for r in rates.values())

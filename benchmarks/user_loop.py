@@ -2,11 +2,14 @@
 
     python benchmarks/user_loop.py [--threads N] [--rounds 7] [--steps 50] [--no-compile]
     python benchmarks/user_loop.py --threads 2 --profile 50   # where fastvae.VAE's step spends its time
+    python benchmarks/user_loop.py --threads 2 --no-compile --paths   # every combination of the optional paths
 
 Providers (Burda et al.'s MLP 784-200-200-50, tanh, batches of 100 binarized MNIST images,
 or random binary images without --mnist DIR / FASTVAE_MNIST):
   fastvae.VAE      fastvae.VAE(...) stepped by the ten-line loop a user writes (loss, zero_grad,
-                   backward, optimizer.step) with torch.optim.Adam(fused=True)
+                   backward, optimizer.step) with torch.optim.Adam(fused=True); with --paths,
+                   also once per combination of its optional paths (sparse_input, fused_head,
+                   fused_mlp: fastvae/tuning.py), each forced in the configs ("dense": all off)
   plain            benchmarks/plain_vae.py (the canonical PyTorch example) in the same loop
   compile(plain)   torch.compile(plain model) in the same loop
   floor            every GEMM of the same network, forward and backward, dense, back to back
@@ -34,6 +37,7 @@ from plain_vae import PlainVAE, plain_loss  # noqa: E402
 from train_compare import DEFAULT_MNIST, cpu_description  # noqa: E402
 
 import fastvae  # noqa: E402
+from fastvae import tuning  # noqa: E402
 from fastvae.io import data as data_lib  # noqa: E402
 
 BATCH = 100
@@ -66,10 +70,15 @@ def loop_step(forward_loss, parameters, batches):
     return step
 
 
-def fastvae_step(batches):
+def fastvae_step(batches, paths: dict[str, bool] | None = None):
+    """fastvae.VAE's step; `paths` (a combination of fastvae.tuning.CONFIGS) fixes its optional
+    paths in the configs instead of leaving them to the defaults."""
     torch.manual_seed(0)
-    model = fastvae.VAE((1, 28, 28), latent_dim=50, encoder_config={"hidden": [200, 200]},
-                        decoder_config={"hidden": [200, 200]})
+    encoder_config, decoder_config = {"hidden": [200, 200]}, {"hidden": [200, 200]}
+    if paths is not None:
+        encoder_config.update(sparse_input=paths["sparse_input"], fused_mlp=paths["fused_mlp"])
+        decoder_config.update(fused_head=paths["fused_head"], fused_mlp=paths["fused_mlp"])
+    model = fastvae.VAE((1, 28, 28), latent_dim=50, encoder_config=encoder_config, decoder_config=decoder_config)
     return loop_step(lambda x: model(x).loss, model.parameters(), batches)
 
 
@@ -113,8 +122,14 @@ def floor_step():
     return step
 
 
-def providers(batches, compile_plain: bool) -> dict:
-    steps = {"fastvae.VAE": fastvae_step(batches), "plain": plain_step(batches)}
+def providers(batches, compile_plain: bool, paths: bool = False) -> dict:
+    """The providers to interleave; with `paths`, fastvae.VAE once per combination of its
+    optional paths (fastvae.tuning.CONFIGS), named after it, besides the defaults."""
+    steps = {"fastvae.VAE": fastvae_step(batches)}
+    if paths:
+        for combination in tuning.CONFIGS:
+            steps[f"fastvae.VAE [{tuning.config_name(combination)}]"] = fastvae_step(batches, combination)
+    steps["plain"] = plain_step(batches)
     if compile_plain:
         steps["compile(plain)"] = plain_step(batches, compile_model=True)
     steps["floor"] = floor_step()
@@ -122,13 +137,17 @@ def providers(batches, compile_plain: bool) -> dict:
 
 
 def interleaved_rates(steps: dict, rounds: int, steps_per_round: int) -> dict[str, list[float]]:
-    """Examples per second of each provider in each round, the providers taking turns."""
+    """Examples per second of each provider in each round, the providers taking turns. Each round
+    starts one provider later than the one before: a place in the order that runs faster or
+    slower (measured: the first, after the floor's block, ~5% slower) is shared out."""
     for step in steps.values():  # warm-up (compiles the compiled model)
         for _ in range(5):
             step()
     rates = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    names = list(steps)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = steps[name]
             start = time.perf_counter()
             for _ in range(steps_per_round):
                 step()
@@ -190,6 +209,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile(plain)")
     parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST,
                         help="MNIST IDX folder (the default comes from $FASTVAE_MNIST; none: random binary images)")
+    parser.add_argument("--paths", action="store_true",
+                        help="also fastvae.VAE with each combination of its optional paths forced, in the same run")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="instead of the table: profile STEPS steps of fastvae.VAE and print its ops per step")
     args = parser.parse_args(argv)
@@ -203,7 +224,8 @@ def main(argv=None) -> None:
         print(f"CPU: {cpu_description()}; fastvae.VAE, {args.profile} steps, batch {BATCH}")
         print(profile_table(fastvae_step(minibatches(mnist=args.mnist)), args.profile))
         return
-    rates = interleaved_rates(providers(minibatches(mnist=args.mnist), not args.no_compile), args.rounds, args.steps)
+    steps = providers(minibatches(mnist=args.mnist), not args.no_compile, args.paths)
+    rates = interleaved_rates(steps, args.rounds, args.steps)
     print(f"CPU: {cpu_description()}; {args.rounds} rounds of {args.steps} steps, batch {BATCH}")
     print(table(rates))
 
