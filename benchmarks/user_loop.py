@@ -139,7 +139,7 @@ def providers(batches, compile_plain: bool, paths: bool = False) -> dict:
 def interleaved_rates(steps: dict, rounds: int, steps_per_round: int) -> dict[str, list[float]]:
     """Examples per second of each provider in each round, the providers taking turns. Each round
     starts one provider later than the one before: a place in the order that runs faster or
-    slower (measured: the first, after the floor's block, ~5% slower) is shared out."""
+    slower is shared out."""
     for step in steps.values():  # warm-up (compiles the compiled model)
         for _ in range(5):
             step()
