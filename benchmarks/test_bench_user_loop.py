@@ -45,3 +45,11 @@ def test_paths_add_one_provider_per_combination():
     assert len(names) == len(user_loop.tuning.CONFIGS) and "fastvae.VAE [dense]" in names
     rates = user_loop.interleaved_rates({n: steps[n] for n in names[:2]}, rounds=2, steps_per_round=1)
     assert all(len(r) == 2 and min(r) > 0 for r in rates.values())
+
+
+def test_ratios_are_taken_within_each_round():
+    # the host twice as fast in round 2: within-round ratios stay 2x, the medians' ratio would not
+    rates = {"fastvae.VAE": [2.0, 4.0, 2.2], "plain": [1.0, 2.0, 1.1], "floor": [4.0, 8.0, 4.4]}
+    assert user_loop.round_ratios(rates, "fastvae.VAE", "plain") == pytest.approx(2.0)
+    lines = user_loop.table(rates).splitlines()
+    assert "| fastvae.VAE | 2 | 2.00x | 2.00x |" in lines

@@ -17,8 +17,9 @@ or random binary images without --mnist DIR / FASTVAE_MNIST):
                    for all but the first layer), plus one Adam(fused=True) step over the same
                    parameters: what no implementation of this step can go below on this CPU
 The providers run interleaved (one block of steps each per round) so that a change in the
-machine's speed hits all of them alike; the table gives the median round of each, its ratio to
-the plain model and to the floor, and the CPU it ran on.
+machine's speed hits all of them alike; the table gives the median round of each, its ratios to
+the plain model and to the floor (each the median over rounds of the ratio within the round),
+and the CPU it ran on.
 """
 
 from __future__ import annotations
@@ -192,11 +193,17 @@ def profile_table(step, steps: int, rows: int = 25) -> str:
     return "\n".join(lines)
 
 
+def round_ratios(rates: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median over rounds of name's rate / reference's rate in the same round: the host's
+    speed moves between rounds (2x on a shared machine), less between neighbours in one round."""
+    return statistics.median(a / b for a, b in zip(rates[name], rates[reference]))
+
+
 def table(rates: dict[str, list[float]]) -> str:
-    median = {name: statistics.median(r) for name, r in rates.items()}
     lines = ["| step | examples/s (median round) | vs plain | step time / floor |", "|---|---:|---:|---:|"]
-    for name, rate in median.items():
-        lines.append(f"| {name} | {rate:,.0f} | {rate / median['plain']:.2f}x | {median['floor'] / rate:.2f}x |")
+    for name, rate in rates.items():
+        lines.append(f"| {name} | {statistics.median(rate):,.0f} | {round_ratios(rates, name, 'plain'):.2f}x "
+                     f"| {round_ratios(rates, 'floor', name):.2f}x |")
     return "\n".join(lines)
 
 
