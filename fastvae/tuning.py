@@ -9,9 +9,13 @@ dense GEMMs are fast; both pay on AMD EPYC):
     fused_mlp     each Linear/activation stack as one op (fastvae.nn.FusedMLP)
 By default (FASTVAE_TUNING=rules) each path a config leaves unset follows RULES: the sparse
 first layer and the fused head on unless the CPU has AMX, the fused stack off. Measured on AMD
-EPYC (AVX2), 2 threads, the user-loop step (benchmarks/user_loop.py, 4-6 interleaved runs): the
-rules' paths 1.18-1.24x the plain PyTorch VAE, all three off 1.13x, the fused stack alone
-1.13-1.18x; on the Intel Xeon with AMX the sparse layer and the head each cost time.
+EPYC (AVX2), 2 threads, the user-loop step (benchmarks/user_loop.py), first in separate runs per
+combination: the rules' paths 1.18-1.24x the plain PyTorch VAE, all three off 1.13x, the fused
+stack alone 1.13-1.18x; then all combinations in one interleaved run (--paths, sixteen runs):
+the fused stack alone ahead of the rules' paths by 7% on average, with the fused head as well
+by 3%. The rules keep the fused head because it keeps the IWAE step's (k B, pixels) logits out
+of the saved tensors (benchmarks/README.md). On the Intel Xeon with AMX the sparse layer and
+the head each cost time.
 
 FASTVAE_TUNING=calibrate instead decides per model shape on this CPU: a short calibration
 (about a second) times the model's training step, forward and backward, on a batch of 100, in
