@@ -23,6 +23,11 @@ def object_npy(path):
     np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
 
 
+def object_npy_format_3(path):  # a header version whose reader numpy does not make public
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, np.array([{"a": 1}, None], dtype=object), version=(3, 0), allow_pickle=True)
+
+
 def object_npz(path):
     np.savez(path, x=np.array([None] * 3, dtype=object))
 
@@ -56,6 +61,7 @@ def broken_zip(path):
 
 CASES = [
     ("objects.npy", object_npy, ["array of Python objects", "never unpickles"]),
+    ("objects-v3.npy", object_npy_format_3, ["objects-v3.npy: holds an array of Python objects", "never unpickles"]),
     ("objects.npz", object_npz, ["objects.npz (x.npy)", "array of Python objects", "never unpickles"]),
     ("pickle.npy", pickled, ["pickled Python objects, not a NumPy array", "never unpickles"]),
     ("table.npy", csv, ["not a NumPy .npy file", "CSV"]),

@@ -263,8 +263,11 @@ def _check_numpy_file(path: Path) -> None:
     for name, dtype in _array_dtypes(path, kind):
         if dtype is not None and dtype.hasobject:
             where = path if kind == "npy" else f"{path} ({name})"
-            raise ValueError(f"{where}: holds an array of Python objects (dtype {dtype}), stored pickled; "
-                             f"{_NEVER_UNPICKLED}: {_SAVE_HINT}")
+            raise ValueError(_objects_refused(where, f" (dtype {dtype})"))
+
+
+def _objects_refused(where, dtype: str = "") -> str:
+    return f"{where}: holds an array of Python objects{dtype}, stored pickled; {_NEVER_UNPICKLED}: {_SAVE_HINT}"
 
 
 def _array_dtypes(path: Path, kind: str) -> list[tuple[str, np.dtype | None]]:
@@ -300,6 +303,8 @@ def _read_numpy(path: Path, read):
     try:
         return read()
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        if "Object arrays cannot be loaded" in str(exc):  # a header _npy_dtype cannot read (format 3.0)
+            raise ValueError(_objects_refused(path)) from None
         reason = "" if "pickle" in str(exc) else f" ({str(exc).splitlines()[0]})"
         raise ValueError(f"{path}: damaged or truncated NumPy file{reason}") from None
 
