@@ -20,10 +20,10 @@ namespace cpu {
 namespace {
 
 // Row chunk held on the stack by the backward pass: all operands' gradients of a
-// chunk are computed in one vectorized loop, then added to the wanted ones. Where each
-// operand row is read by one result row only, the wanted gradients are written in that
-// loop directly (staging them cost a third of the KL's backward at (4096, 256)) and
-// only the unwanted ones land in the chunk.
+// chunk are computed in one vectorized loop. For the first result row reading an operand
+// row, that loop writes the wanted gradients, scaled, straight to the outputs (staging them
+// in the chunk and copying cost a third of the KL's backward at (4096, 256)) and only the
+// unwanted ones land in the chunk; later result rows' gradients are staged and added.
 constexpr int64_t kPriorChunk = 256;
 
 template <class E, typename T>
@@ -51,21 +51,6 @@ __attribute__((always_inline)) inline void backward_rows(const RowBroadcastArgs<
   T chunk[N][kPriorChunk];
   T* chunk_rows[N];
   for (int i = 0; i < N; ++i) chunk_rows[i] = chunk[i];
-  if (repeats == 1) {  // each operand row read once: its gradients go straight to the outputs
-    for (int64_t j = begin; j < end; ++j) {
-      const T g = a.grad[j];
-      const T* row[N];
-      for (int i = 0; i < N; ++i) row[i] = a.in[i] + (j % a.in_rows[i]) * D;
-      for (int64_t c = 0; c < D; c += kPriorChunk) {
-        const int64_t count = std::min(kPriorChunk, D - c);
-        T* out[N];  // the gradients not wanted are written to the chunk and dropped
-        for (int i = 0; i < N; ++i) out[i] = a.grad_in[i] != nullptr ? a.grad_in[i] + j * D + c : chunk[i];
-#pragma omp simd
-        for (int64_t d = 0; d < count; ++d) scaled_element_grads<E>(row, c + d, g, out, d);
-      }
-    }
-    return;
-  }
   for (int64_t j = begin; j < end; ++j) {
     for (int64_t t = 0; t < repeats; ++t) {
       const int64_t r = t * a.pass_rows + j;
@@ -74,18 +59,20 @@ __attribute__((always_inline)) inline void backward_rows(const RowBroadcastArgs<
       for (int i = 0; i < N; ++i) row[i] = a.in[i] + (r % a.in_rows[i]) * D;
       for (int64_t c = 0; c < D; c += kPriorChunk) {
         const int64_t count = std::min(kPriorChunk, D - c);
+        if (t == 0) {  // the first result row reading operand row j: its gradients are the outputs' first values
+          T* out[N];   // (the unwanted ones go to the chunk and are dropped)
+          for (int i = 0; i < N; ++i) out[i] = a.grad_in[i] != nullptr ? a.grad_in[i] + j * D + c : chunk[i];
+#pragma omp simd
+          for (int64_t d = 0; d < count; ++d) scaled_element_grads<E>(row, c + d, g, out, d);
+          continue;
+        }
 #pragma omp simd
         for (int64_t d = 0; d < count; ++d) element_grads<E>(row, c + d, chunk_rows, d);
         for (int i = 0; i < N; ++i) {
           if (a.grad_in[i] == nullptr) continue;
           T* out = a.grad_in[i] + j * D + c;
-          if (t == 0) {  // the first result row reading operand row j: the gradient is not allocated zero
 #pragma omp simd
-            for (int64_t d = 0; d < count; ++d) out[d] = g * chunk[i][d];
-          } else {
-#pragma omp simd
-            for (int64_t d = 0; d < count; ++d) out[d] += g * chunk[i][d];
-          }
+          for (int64_t d = 0; d < count; ++d) out[d] += g * chunk[i][d];
         }
       }
     }
