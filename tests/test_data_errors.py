@@ -23,7 +23,7 @@ def object_npy(path):
     np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
 
 
-def object_npy_format_3(path):  # a header version whose reader numpy does not make public
+def object_npy_format_3(path):  # a header version numpy has no public reader of its own for
     with open(path, "wb") as f:
         np.lib.format.write_array(f, np.array([{"a": 1}, None], dtype=object), version=(3, 0), allow_pickle=True)
 

@@ -263,11 +263,8 @@ def _check_numpy_file(path: Path) -> None:
     for name, dtype in _array_dtypes(path, kind):
         if dtype is not None and dtype.hasobject:
             where = path if kind == "npy" else f"{path} ({name})"
-            raise ValueError(_objects_refused(where, f" (dtype {dtype})"))
-
-
-def _objects_refused(where, dtype: str = "") -> str:
-    return f"{where}: holds an array of Python objects{dtype}, stored pickled; {_NEVER_UNPICKLED}: {_SAVE_HINT}"
+            raise ValueError(f"{where}: holds an array of Python objects (dtype {dtype}), stored pickled; "
+                             f"{_NEVER_UNPICKLED}: {_SAVE_HINT}")
 
 
 def _array_dtypes(path: Path, kind: str) -> list[tuple[str, np.dtype | None]]:
@@ -287,11 +284,18 @@ def _array_dtypes(path: Path, kind: str) -> list[tuple[str, np.dtype | None]]:
         raise ValueError(f"{path}: damaged or truncated .npz archive ({exc})") from None
 
 
+# numpy's public header reader for each .npy format version. Format 3.0 is 2.0 with the header
+# text in UTF-8 instead of latin-1: the 2.0 reader parses it (non-ASCII field names come out
+# garbled, which does not change whether the dtype holds Python objects).
+_NPY_HEADER_READERS = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0,
+                       3: np.lib.format.read_array_header_2_0}
+
+
 def _npy_dtype(f) -> np.dtype | None:
     """The dtype in a .npy header (None where the header is not one numpy's public readers know)."""
     try:
         major, _ = np.lib.format.read_magic(f)
-        read_header = getattr(np.lib.format, f"read_array_header_{major}_0", None)
+        read_header = _NPY_HEADER_READERS.get(major)
         return None if read_header is None else read_header(f)[2]
     except (ValueError, EOFError, OSError):
         return None  # np.load then names what is damaged
@@ -303,8 +307,6 @@ def _read_numpy(path: Path, read):
     try:
         return read()
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        if "Object arrays cannot be loaded" in str(exc):  # a header _npy_dtype cannot read (format 3.0)
-            raise ValueError(_objects_refused(path)) from None
         reason = "" if "pickle" in str(exc) else f" ({str(exc).splitlines()[0]})"
         raise ValueError(f"{path}: damaged or truncated NumPy file{reason}") from None
 
