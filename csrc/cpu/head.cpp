@@ -150,9 +150,12 @@ void run_head(const HeadIO& io, HeadWants wants) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::NoGradGuard no_grad;
     const int tid = at::get_thread_num();
-    if (tid > 0) {
-      if (io.grad_weight.defined()) weight_partials[tid] = at::empty_like(io.grad_weight);
-      if (io.grad_bias.defined()) bias_partials[tid] = at::zeros_like(io.grad_bias);
+    // Once per thread: a parallel backend may hand one thread several ranges.
+    if (tid > 0 && io.grad_weight.defined() && !weight_partials[tid].defined()) {
+      weight_partials[tid] = at::empty_like(io.grad_weight);
+    }
+    if (tid > 0 && io.grad_bias.defined() && !bias_partials[tid].defined()) {
+      bias_partials[tid] = at::zeros_like(io.grad_bias);
     }
     const at::Tensor& grad_weight = weight_partials[tid];
     T* grad_bias = defined_ptr<T>(bias_partials[tid]);
