@@ -31,7 +31,7 @@ def test_profile_table_lists_the_step_ops():
     assert len(lines) == 4 + 5 and any("aten::mm" in line or "aten::addmm" in line for line in lines)
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--rounds", "0"], ["--profile", "-1"]])
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--rounds", "0"], ["--profile", "-1"], ["--threads", "0"]])
 def test_bad_counts_are_refused_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         user_loop.main(argv)

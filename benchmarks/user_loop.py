@@ -221,9 +221,8 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="instead of the table: profile STEPS steps of fastvae.VAE and print its ops per step")
     args = parser.parse_args(argv)
-    for name in ("rounds", "steps", "profile"):
-        minimum = 0 if name == "profile" else 1
-        if getattr(args, name) < minimum:
+    for name, minimum in {"threads": 1, "rounds": 1, "steps": 1, "profile": 0}.items():
+        if getattr(args, name) is not None and getattr(args, name) < minimum:
             parser.error(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
