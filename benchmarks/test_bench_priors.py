@@ -83,6 +83,17 @@ def test_kl_breakdown_runs_every_row():
     assert "| forward |" in kl_breakdown.table(times)
 
 
+def test_run_mode_hands_each_call_its_own_gradients():
+    """Forward+backward as a training step: every call starts from .grad None, so after several
+    calls each leaf holds one call's gradient, not their sum."""
+    inputs = gaussian_inputs(16, 8, 4)
+    once = torch.autograd.grad(PRIOR_KL["fastvae"](*inputs).sum(), inputs)
+    step = run_mode(PRIOR_KL["fastvae"], inputs, "forward+backward")  # three warm-up calls already
+    step()
+    for leaf, expected in zip(inputs, once):
+        torch.testing.assert_close(leaf.grad, expected)
+
+
 @pytest.mark.parametrize("argv, named", [(["--batch", "0"], "--batch"), (["--dim", "-1"], "--dim"),
                                          (["--budget", "0"], "--budget"), (["--threads", "0"], "--threads")])
 def test_kl_breakdown_refuses_bad_arguments(argv, named, capsys):

@@ -100,8 +100,11 @@ def fused_discretized_logistic(mean, log_scale, x):
 def run_mode(fn, inputs, mode, sync=None):
     """The callable to time (here and in benchmarks/): fn(*inputs), or that plus backward of every output.
 
-    Warmed up (and compiled, for torch.compile) beforehand. `sync` (e.g. torch.cuda.synchronize)
-    runs after each call so that a sample is the work itself, not a kernel launch.
+    Forward+backward sets the leaf inputs' .grad to None before each call, as `zero_grad()` leaves
+    a training step's parameters: autograd then hands each gradient over instead of adding it into
+    the last call's (a read-modify-write of every input that no training step does, and that both
+    providers would pay). Warmed up (and compiled, for torch.compile) beforehand. `sync` (e.g.
+    torch.cuda.synchronize) runs after each call so that a sample is the work itself, not a kernel launch.
     """
     if mode == "forward":
         def step():
@@ -111,8 +114,11 @@ def run_mode(fn, inputs, mode, sync=None):
         outputs = fn(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         grads = tuple(torch.ones_like(o) for o in outputs)
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf]
 
         def step():
+            for leaf in leaves:
+                leaf.grad = None
             out = fn(*inputs)
             torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
 
